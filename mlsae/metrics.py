@@ -1,0 +1,121 @@
+"""Evaluation metrics, accumulated exactly over many batches (float64 sums, no per-batch averaging).
+
+Definitions (per layer l; "avg" columns average over layers):
+- FVU: sum of squared reconstruction errors / sum of squared deviations of the inputs from
+  their mean (one scalar mean over all elements of layer l, as in the reference).
+- MSE: mean squared reconstruction error per element.
+- L0: mean number of latents per vector with activation > dead_threshold (at most k).
+- L1: mean sum of latent activations per vector.
+- dead: fraction of latents that never fired (activation > dead_threshold) in the window.
+- delta CE: next-token cross-entropy with layer l's output replaced by its reconstruction,
+  minus the clean cross-entropy (nats per token).
+- KL: KL(p_clean || p_spliced) of the next-token distributions, mean per token (nats). (The
+  reference summed KL(p_spliced || p_clean) over positions; we use the usual direction, per token.)
+- logit MSE: mean squared difference between clean and spliced logits per element.
+- zero CE: cross-entropy with layer l's output replaced by zeros (the scale of delta CE);
+  CE recovered = (zero CE - spliced CE) / (zero CE - clean CE).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mlsae.kernels import TopK
+
+
+def fvu(x: Tensor, recon: Tensor) -> Tensor:
+    """FVU per leading index of ``x [L, ..., d]``: MSE over the variance of all elements of that slice."""
+    dims = tuple(range(1, x.ndim))
+    return (recon - x).pow(2).mean(dims) / x.var(dims, unbiased=False)
+
+
+def cross_entropy(logits: Tensor, ids: Tensor) -> Tensor:
+    """Next-token cross-entropy per predicted position ``[B, P-1]``."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+
+
+def kl_div(clean: Tensor, spliced: Tensor) -> Tensor:
+    """KL(p_clean || p_spliced) per position ``[B, P]``."""
+    log_p, log_q = clean.float().log_softmax(-1), spliced.float().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+class ReconstructionMetrics:
+    """Accumulates FVU, MSE, L0, L1 and dead latents per layer."""
+
+    def __init__(self, n_layers: int, n_latents: int, dead_threshold: float):
+        z = lambda: torch.zeros(n_layers, dtype=torch.float64)  # noqa: E731
+        self.sse, self.sum, self.sum_sq, self.elements = z(), z(), z(), z()
+        self.l0, self.l1, self.vectors = z(), z(), z()
+        self.fired = torch.zeros(n_layers, n_latents, dtype=torch.bool)
+        self.dead_threshold = dead_threshold
+
+    @torch.no_grad()
+    def update(self, x: Tensor, recon: Tensor, topk: TopK) -> None:
+        """``x, recon [L, N, d]``; ``topk [L, N, k]``."""
+        x, recon = x.double(), recon.double()
+        self.sse += (recon - x).pow(2).sum((1, 2)).cpu()
+        self.sum += x.sum((1, 2)).cpu()
+        self.sum_sq += x.pow(2).sum((1, 2)).cpu()
+        self.elements += x[0].numel()
+        active = topk.values > self.dead_threshold
+        self.l0 += active.sum((1, 2)).double().cpu()
+        self.l1 += topk.values.double().sum((1, 2)).cpu()
+        self.vectors += x.shape[1]
+        L = x.shape[0]
+        idx = topk.indices.reshape(L, -1).cpu()
+        self.fired.scatter_(1, idx, self.fired.gather(1, idx) | active.reshape(L, -1).cpu())
+
+    def compute(self) -> dict[str, Tensor]:
+        var = self.sum_sq / self.elements - (self.sum / self.elements) ** 2
+        mse = self.sse / self.elements
+        dead = (~self.fired).double().mean(1)
+        return {
+            "fvu": mse / var,
+            "mse": mse,
+            "l0": self.l0 / self.vectors,
+            "l1": self.l1 / self.vectors,
+            "dead": dead,
+            "dead_overall": (~self.fired.any(0)).double().mean(),
+        }
+
+
+class DownstreamMetrics:
+    """Accumulates clean, spliced and zero-ablated cross-entropy, KL and logit MSE per layer."""
+
+    def __init__(self, n_layers: int):
+        z = lambda: torch.zeros(n_layers, dtype=torch.float64)  # noqa: E731
+        self.ce_spliced, self.ce_zero, self.kl, self.logit_sse = z(), z(), z(), z()
+        self.ce_clean = torch.zeros((), dtype=torch.float64)
+        self.tokens = 0  # predicted next tokens (CE)
+        self.positions = 0  # positions (KL)
+        self.logit_elements = 0
+
+    @torch.no_grad()
+    def update_clean(self, logits: Tensor, ids: Tensor) -> None:
+        self.ce_clean += cross_entropy(logits, ids).double().sum().cpu()
+        self.tokens += ids[:, 1:].numel()
+        self.positions += ids.numel()
+        self.logit_elements += logits.numel()
+
+    @torch.no_grad()
+    def update_layer(self, i: int, clean: Tensor, spliced: Tensor, zero: Tensor, ids: Tensor) -> None:
+        self.ce_spliced[i] += cross_entropy(spliced, ids).double().sum().cpu()
+        self.ce_zero[i] += cross_entropy(zero, ids).double().sum().cpu()
+        self.kl[i] += kl_div(clean, spliced).double().sum().cpu()
+        self.logit_sse[i] += (spliced.float() - clean.float()).double().pow(2).sum().cpu()
+
+    def compute(self) -> dict[str, Tensor]:
+        clean = self.ce_clean / self.tokens
+        spliced, zero = self.ce_spliced / self.tokens, self.ce_zero / self.tokens
+        return {
+            "ce_clean": clean,
+            "ce_spliced": spliced,
+            "delta_ce": spliced - clean,
+            "ce_zero": zero,
+            "ce_recovered": (zero - spliced) / (zero - clean),
+            "kl": self.kl / self.positions,
+            "logit_mse": self.logit_sse / self.logit_elements,
+        }

@@ -1,0 +1,145 @@
+"""Evaluate a trained MLSAE on held-out data: ``python -m mlsae.test --repo_id PATH_OR_ID``.
+
+Writes one CSV row with the reference's column names (``train/fvu/layer_0`` ...
+``val/loss/delta/avg``) plus this project's extra columns, and the same as JSON.
+Definitions of every metric: see ``mlsae.metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from simple_parsing import ArgumentParser
+from tqdm.auto import tqdm
+
+from mlsae.data import load_chunks
+from mlsae.metrics import DownstreamMetrics, ReconstructionMetrics
+from mlsae.model import MLSAE
+from mlsae.train import pick_device
+from mlsae.transformer import Transformer, load_transformer
+from mlsae.utils import MLSAEError, atomic_path, run_cli
+
+
+@dataclass
+class TestConfig:
+    """Options of ``python -m mlsae.test``."""
+
+    repo_id: str
+    """The MLSAE: a folder written by mlsae.train, or a hub repo id (this project's or the reference's)."""
+    model_name: str | None = None
+    """Transformer (default: the one named in the MLSAE's config)."""
+    path: str = "brown"
+    """Held-out data: a .jsonl[.zst] file, a folder of splits, 'brown', or a hub dataset id."""
+    split: str = "test"
+    """Split of the data to evaluate on."""
+    max_length: int = 256
+    """Tokens per sequence."""
+    batch_size: int = 4
+    """Sequences per forward pass."""
+    max_tokens: int = 65_536
+    """Tokens for the reconstruction metrics (FVU, MSE, L0, L1, dead latents)."""
+    downstream_tokens: int = 8_192
+    """Tokens (the first of the above) for the metrics that splice reconstructions into the model."""
+    skip_special_tokens: bool = True
+    """Leave special-token positions out of the metrics (and unchanged when splicing)."""
+    precision: str = "bf16"
+    """Autocast precision (bf16 or fp32)."""
+    device: str = "auto"
+    """cpu, cuda, or auto."""
+    out_dir: str = "out"
+    """Where test_{name}.csv and .json go."""
+
+
+def evaluate(cfg: TestConfig) -> dict[str, float]:
+    """All metrics of one MLSAE as a flat dict of CSV columns."""
+    device = pick_device(cfg.device)
+    sae = MLSAE.from_pretrained(cfg.repo_id).to(device)
+    model_name = cfg.model_name or sae.config.model_name
+    if model_name is None:
+        raise MLSAEError(f"{cfg.repo_id} does not name its transformer: pass --model_name")
+    transformer = Transformer(*load_transformer(model_name, device=device))
+    if transformer.d_model != sae.config.n_inputs:
+        raise MLSAEError(f"{model_name} has d_model {transformer.d_model}, the MLSAE expects {sae.config.n_inputs}")
+    layers = sae.config.layers or list(range(transformer.n_layers))
+    chunks = load_chunks(cfg.path, cfg.split, transformer.tokenizer, cfg.max_length, max_tokens=cfg.max_tokens)
+    recon_metrics = ReconstructionMetrics(len(layers), sae.config.n_latents, sae.config.dead_threshold)
+    down_metrics = DownstreamMetrics(len(layers))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    downstream_left = cfg.downstream_tokens
+    with torch.no_grad(), autocast:
+        for ids in tqdm(chunks.split(cfg.batch_size), desc="evaluate", unit="batch"):
+            ids = ids.to(device)
+            keep = ~transformer.special_mask(ids) if cfg.skip_special_tokens else torch.ones_like(ids, dtype=torch.bool)
+            if downstream_left > 0:
+                acts, logits = transformer.run_with_residuals(ids, layers)
+            else:
+                acts, logits = transformer.residuals(ids, layers), None
+            x = acts[:, keep].float()
+            recon, topk = sae(x)
+            recon_metrics.update(x, recon, topk)
+            if logits is not None:
+                downstream(transformer, ids, layers, acts, recon, keep, logits, down_metrics)
+                downstream_left -= ids.numel()
+    return columns(layers, recon_metrics.compute(), down_metrics.compute() if down_metrics.tokens else None)
+
+
+def downstream(transformer: Transformer, ids, layers, acts, recon, keep, logits, metrics: DownstreamMetrics) -> None:
+    """Splice each layer's reconstruction (and zeros) into the forward pass and compare the logits."""
+    metrics.update_clean(logits, ids)
+    for i, layer in enumerate(layers):
+        spliced_acts = acts[i].clone()
+        spliced_acts[keep] = recon[i].to(spliced_acts.dtype)
+        spliced = transformer.logits_with_replacement(ids, layer, spliced_acts)
+        zero = transformer.logits_with_replacement(ids, layer, torch.zeros_like(acts[i]))
+        metrics.update_layer(i, logits, spliced, zero, ids)
+
+
+# Reference column prefixes for each metric; the rest are this project's additions.
+COLUMNS = {
+    "fvu": "train/fvu", "mse": "train/mse", "l1": "train/l1", "l0": "train/l0", "dead": "train/dead",
+    "delta_ce": "val/loss/delta", "kl": "val/logit/kldiv", "logit_mse": "val/logit/mse",
+    "ce_spliced": "val/loss/spliced", "ce_zero": "val/loss/zero", "ce_recovered": "val/loss/recovered",
+}
+
+
+def columns(layers: list[int], recon: dict, down: dict | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    values = {**recon, **(down or {})}
+    for key, prefix in COLUMNS.items():
+        if key not in values:
+            continue
+        for i, layer in enumerate(layers):
+            out[f"{prefix}/layer_{layer}"] = values[key][i].item()
+        out[f"{prefix}/avg"] = values[key].mean().item()
+    out["train/dead/rel"] = recon["dead_overall"].item()
+    if down:
+        out["val/loss/clean"] = down["ce_clean"].item()
+    return out
+
+
+def write_results(results: dict[str, float], cfg: TestConfig, name: str) -> Path:
+    out = Path(cfg.out_dir)
+    with atomic_path(out / f"test_{name}.csv") as tmp:
+        pd.DataFrame([results]).to_csv(tmp, index=False)
+    with atomic_path(out / f"test_{name}.json") as tmp:
+        tmp.write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=2))
+    return out / f"test_{name}.csv"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_config_path_arg=False)
+    parser.add_arguments(TestConfig, dest="cfg")
+    cfg = parser.parse_args(argv).cfg
+    results = evaluate(cfg)
+    path = write_results(results, cfg, Path(cfg.repo_id.rstrip("/")).name)
+    summary = {k: round(v, 4) for k, v in results.items() if k.endswith("/avg") or k == "train/dead/rel"}
+    print(json.dumps(summary, indent=2))
+    print(path)
+
+
+if __name__ == "__main__":
+    run_cli(main)

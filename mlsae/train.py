@@ -1,0 +1,449 @@
+"""Train one MLSAE, or a sweep of them from one transformer pass: ``python -m mlsae.train --help``.
+
+Per optimizer step: ``tokens_per_step`` tokens are run through the transformer in micro-batches
+of ``batch_size`` sequences (stopping after the deepest layer needed, no LM head); the residual
+vectors of every layer (special-token positions excluded) train every MLSAE of the sweep, each
+with its own Adam. Checkpoints hold everything needed for an exact resume (weights, optimizer,
+dead-latent counters, data position, RNG), are written atomically and in safetensors only.
+With ``torchrun`` each rank reads its own shard of each global batch and gradients are averaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from simple_parsing import ArgumentParser
+from simple_parsing import field as flag
+from tqdm.auto import tqdm
+
+from mlsae.data import ChunkLoader, load_chunks
+from mlsae.fetch import DEFAULT_MODEL
+from mlsae.model import MLSAE, SAEConfig, repo_id
+from mlsae.transformer import Transformer, load_transformer
+from mlsae.utils import MLSAEError, atomic_write_text, run_cli
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``python -m mlsae.train`` (lists of expansion factors and k train a sweep)."""
+
+    model_name: str = DEFAULT_MODEL
+    """Transformer: hub id, local folder or .gguf file."""
+    expansion_factor: list[int] = flag(default_factory=lambda: [8])
+    """Latents per input dimension; several values train a sweep."""
+    k: list[int] = flag(default_factory=lambda: [SAEConfig.k], alias="-k")
+    """Latents kept per vector (TopK); several values train a sweep."""
+    auxk: int = SAEConfig.auxk
+    """Dead latents in the AuxK loss (0 disables it)."""
+    auxk_coef: float = SAEConfig.auxk_coef
+    """Weight of the AuxK loss."""
+    dead_tokens_threshold: int = SAEConfig.dead_tokens_threshold
+    """A latent is dead after this many tokens without firing."""
+    dead_threshold: float = SAEConfig.dead_threshold
+    """Activation above which a latent has fired."""
+    lr: float = 1e-4
+    """Adam learning rate (constant; betas (0.9, 0.999), eps 6.25e-10)."""
+    standardize: bool = SAEConfig.standardize
+    """Standardize each residual vector over its features."""
+    skip_special_tokens: bool = True
+    """Leave out positions holding special tokens (BOS/EOS/PAD)."""
+    path: str = "brown"
+    """Training data: a .jsonl[.zst] file, a folder of splits, 'brown', or a hub dataset id."""
+    max_length: int = 256
+    """Tokens per sequence."""
+    batch_size: int = 4
+    """Sequences per transformer forward (micro-batch)."""
+    tokens_per_step: int = 4096
+    """Tokens per optimizer step (gradient accumulation over micro-batches)."""
+    max_tokens: int = 1_000_000
+    """Training tokens in total."""
+    layers: list[int] | None = flag(default=None, nargs="*")
+    """Transformer layers to read (default: all); one layer trains a per-layer SAE."""
+    seed: int = 42
+    """Seed of the initialisation and the data order."""
+    out_dir: str = "runs/default"
+    """Where checkpoints, logs and the trained MLSAEs go."""
+    precision: str = flag(default="bf16", choices=["bf16", "fp32"])
+    """Autocast precision of the transformer and the encoder product (weights stay fp32)."""
+    device: str = "auto"
+    """cpu, cuda, or auto."""
+    log_every: int = 10
+    """Steps between metrics lines in metrics.jsonl."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints."""
+    resume: bool = False
+    """Continue from the checkpoint in out_dir (which must come from the same options)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (set WANDB_MODE=offline to log without a network)."""
+
+    def __post_init__(self) -> None:
+        if self.tokens_per_step % (self.batch_size * self.max_length):
+            raise MLSAEError(
+                f"tokens_per_step ({self.tokens_per_step}) must be a multiple of batch_size x max_length "
+                f"({self.batch_size} x {self.max_length} = {self.batch_size * self.max_length})"
+            )
+        for name in ("max_length", "batch_size", "tokens_per_step", "max_tokens", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise MLSAEError(f"--{name} must be positive, got {getattr(self, name)}")
+        if min(self.expansion_factor) < 1 or min(self.k) < 1:
+            raise MLSAEError("--expansion_factor and -k must be positive")
+
+    @property
+    def steps(self) -> int:
+        return self.max_tokens // self.tokens_per_step
+
+    def sweep(self) -> list[tuple[int, int]]:
+        return list(itertools.product(self.expansion_factor, self.k))
+
+
+# Options that may differ between a run and its resumption.
+RESUMABLE = {"resume", "wandb", "log_every", "checkpoint_every", "device", "out_dir"}
+
+
+@dataclass
+class Run:
+    """One MLSAE of the sweep with its optimizer and output folder."""
+
+    name: str
+    sae: MLSAE
+    optimizer: torch.optim.Adam
+    out: Path
+
+    def log(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MLSAEError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); starts torch.distributed under torchrun (gloo on CPU, NCCL on GPU)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def make_runs(cfg: TrainConfig, d_model: int, layers: list[int], device: torch.device, out: Path) -> list[Run]:
+    runs = []
+    for ef, k in cfg.sweep():
+        torch.manual_seed(cfg.seed)  # every run of a sweep starts as its solo run would
+        sae_cfg = SAEConfig(
+            n_inputs=d_model,
+            n_latents=d_model * ef,
+            k=k,
+            auxk=cfg.auxk or None,
+            auxk_coef=cfg.auxk_coef,
+            dead_tokens_threshold=cfg.dead_tokens_threshold,
+            dead_threshold=cfg.dead_threshold,
+            standardize=cfg.standardize,
+            n_layers=len(layers),
+            layers=layers,
+            model_name=cfg.model_name,
+        )
+        sae = MLSAE(sae_cfg).to(device).train()
+        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10)
+        name = repo_id(cfg.model_name, ef, k)
+        runs.append(Run(name, sae, optimizer, out / name))
+    return runs
+
+
+def resolve_layers(cfg: TrainConfig, n_layers: int) -> list[int]:
+    layers = list(range(n_layers)) if not cfg.layers else list(cfg.layers)
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise MLSAEError(f"--layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise MLSAEError(f"--layers has duplicates: {layers}")
+    return layers
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(out: Path, cfg: TrainConfig, runs: list[Run], step: int, loader: ChunkLoader, tokens: int) -> None:
+    """Write every run's state into ``out/checkpoint`` as one atomic swap of a folder."""
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for run in runs:
+        run.sae.save_pretrained(tmp / run.name)
+        save_file(optimizer_tensors(run.optimizer, run.sae), tmp / run.name / "optimizer.safetensors")
+    save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
+    state = {"step": step, "tokens": tokens, "loader": loader.state_dict(), "config": asdict(cfg)}
+    (tmp / "trainer.json").write_text(json.dumps(state, indent=2))
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def optimizer_tensors(optimizer: torch.optim.Adam, sae: MLSAE) -> dict[str, torch.Tensor]:
+    """Adam's state as named tensors (safetensors, never pickle)."""
+    names = {id(p): n for n, p in sae.named_parameters()}
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                out[f"{names[id(p)]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return out
+
+
+def load_optimizer(optimizer: torch.optim.Adam, sae: MLSAE, tensors: dict[str, torch.Tensor]) -> None:
+    for name, p in sae.named_parameters():
+        state = {key.split(".", 1)[1]: t.to(p.device) for key, t in tensors.items() if key.split(".", 1)[0] == name}
+        if state:
+            state["step"] = state["step"].cpu()  # Adam keeps its step count on the CPU
+            optimizer.state[p] = state
+
+
+def load_checkpoint(out: Path, cfg: TrainConfig, runs: list[Run], loader: ChunkLoader) -> tuple[int, int]:
+    """Restore runs and data position from ``out/checkpoint``; returns (step, tokens)."""
+    ckpt = out / "checkpoint"
+    if not (ckpt / "trainer.json").is_file():
+        old = out / "checkpoint.old"  # killed between the two renames of save_checkpoint
+        if (old / "trainer.json").is_file():
+            old.rename(ckpt)
+        else:
+            raise MLSAEError(f"--resume: no checkpoint in {out} (run without --resume to start afresh)")
+    state = json.loads((ckpt / "trainer.json").read_text())
+    saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
+    current = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}
+    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise MLSAEError(f"--resume: the checkpoint in {out} was made with other options ({details})")
+    for run in runs:
+        weights = load_file(ckpt / run.name / "model.safetensors", device=str(run.sae.W_enc.device))
+        run.sae.load_state_dict(weights)
+        load_optimizer(run.optimizer, run.sae, load_file(ckpt / run.name / "optimizer.safetensors"))
+        truncate_log(run.out / "metrics.jsonl", state["step"])
+    torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch_rng"])
+    loader.load_state_dict(state["loader"])
+    return state["step"], state["tokens"]
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint, so a resumed log matches an uninterrupted one."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def residual_batch(transformer: Transformer, ids: torch.Tensor, layers: list[int], skip_special: bool) -> torch.Tensor:
+    """Residual vectors ``[L, N, d]`` (fp32) of the non-special positions of ``ids``."""
+    acts = transformer.residuals(ids, layers)
+    if skip_special:
+        return acts[:, ~transformer.special_mask(ids)].float()
+    return acts.flatten(1, 2).float()
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place sum (or ``op``) over ranks; CPU tensors take a round trip to the GPU under NCCL."""
+    if not dist.is_initialized():
+        return t
+    if dist.get_backend() == "nccl" and t.device.type == "cpu":
+        t.copy_(all_reduce(t.cuda(), op).cpu())
+        return t
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def train_step(
+    runs: list[Run], transformer: Transformer, batches: list[torch.Tensor], cfg: TrainConfig,
+    layers: list[int], autocast: contextlib.AbstractContextManager, world: int,
+) -> list[dict]:
+    """One optimizer step of every run over the micro-batches of this rank; returns their stats."""
+    n_micro = len(batches)
+    stats = [{"loss": 0.0, "fvu": torch.zeros(len(layers)), "auxk": 0.0, "l0": 0.0} for _ in runs]
+    fired = [torch.zeros(len(layers), r.sae.config.n_latents, dtype=torch.bool, device=r.sae.W_enc.device) for r in runs]
+    n_tokens = torch.zeros((), dtype=torch.long)
+    for ids in batches:
+        with torch.no_grad(), autocast:
+            x = residual_batch(transformer, ids, layers, cfg.skip_special_tokens)
+        n_tokens += x.shape[1]
+        for run, st, fi in zip(runs, stats, fired):
+            with autocast:
+                out = run.sae.loss(x)
+            (out.loss / n_micro).backward()
+            st["loss"] += out.loss.item() / n_micro
+            st["fvu"] += out.fvu.cpu() / n_micro
+            st["auxk"] += out.auxk.item() / n_micro
+            st["l0"] += (out.topk.values > cfg.dead_threshold).sum(-1).float().mean().item() / n_micro
+            fi |= run.sae.fired(out.topk)
+    n_tokens = int(all_reduce(n_tokens))
+    for run, st, fi in zip(runs, stats, fired):
+        for p in run.sae.parameters():
+            if world > 1:
+                all_reduce(p.grad).div_(world)
+        run.sae.project_decoder_grad()
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.sae.normalize_decoder()
+        fi = all_reduce(fi.to(torch.uint8), dist.ReduceOp.MAX if dist.is_initialized() else None).bool()
+        run.sae.update_dead(fi, n_tokens)
+        if world > 1:
+            for key in ("loss", "auxk", "l0"):
+                st[key] = all_reduce(torch.tensor(st[key])).item() / world
+            st["fvu"] = all_reduce(st["fvu"]) / world
+        st["tokens"] = n_tokens
+    return stats
+
+
+def init_pre_bias(runs: list[Run], transformer: Transformer, micro: list[torch.Tensor], cfg: TrainConfig,
+                  layers: list[int], autocast: contextlib.AbstractContextManager) -> None:
+    """Initialise every run's pre-encoder bias from the whole first step (all micro-batches, all ranks)."""
+    with torch.no_grad(), autocast:
+        x = torch.cat([residual_batch(transformer, ids, layers, cfg.skip_special_tokens) for ids in micro], dim=1)
+    x = all_gather_cat(x)
+    for run in runs:
+        run.sae.init_pre_bias(x)
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x [L, N, d]`` over ranks along N (so every rank initialises b_pre identically)."""
+    if not dist.is_initialized():
+        return x
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(x.shape[1], device=x.device))
+    longest = int(max(sizes))  # ranks hold different numbers of vectors: pad to gather, then trim
+    padded = torch.nn.functional.pad(x, (0, 0, 0, longest - x.shape[1]))
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:, : int(n)] for part, n in zip(parts, sizes)], dim=1)
+
+
+# ----------------------------------------------------------------------------- main loop
+
+
+def train(cfg: TrainConfig) -> list[Path]:
+    """Train every MLSAE of the sweep; returns the folders of the trained models."""
+    device = pick_device(cfg.device)
+    rank, world = init_distributed(device)
+    if cfg.tokens_per_step % (cfg.batch_size * cfg.max_length * world):
+        raise MLSAEError(f"tokens_per_step must be a multiple of batch_size x max_length x {world} processes")
+    out = Path(cfg.out_dir)
+    if not cfg.resume and (out / "checkpoint").exists():
+        raise MLSAEError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out_dir")
+    if cfg.steps < 1:
+        raise MLSAEError(f"--max_tokens ({cfg.max_tokens}) is less than one step ({cfg.tokens_per_step} tokens)")
+
+    model, tokenizer = load_transformer(cfg.model_name, device=device)
+    transformer = Transformer(model, tokenizer)
+    layers = resolve_layers(cfg, transformer.n_layers)
+    for ef, k in cfg.sweep():
+        if k > transformer.d_model * ef:
+            raise MLSAEError(f"k={k} is larger than the number of latents ({transformer.d_model} x {ef})")
+    chunks = load_chunks(cfg.path, "train", tokenizer, cfg.max_length, max_tokens=cfg.max_tokens)
+    loader = ChunkLoader(chunks, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    runs = make_runs(cfg, transformer.d_model, layers, device, out)
+
+    step, tokens = 0, 0
+    if cfg.resume:
+        step, tokens = load_checkpoint(out, cfg, runs, loader)
+    if rank == 0:
+        for run in runs:
+            run.out.mkdir(parents=True, exist_ok=True)
+    wandb_runs = start_wandb(cfg, runs) if cfg.wandb and rank == 0 else []
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    n_micro = cfg.tokens_per_step // (cfg.batch_size * cfg.max_length * world)
+    batches = iter(loader)
+    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    start, start_tokens = time.perf_counter(), tokens
+    while step < cfg.steps:
+        micro = [next(batches).to(device) for _ in range(n_micro)]
+        if step == 0:
+            init_pre_bias(runs, transformer, micro, cfg, layers, autocast)
+        stats = train_step(runs, transformer, micro, cfg, layers, autocast, world)
+        step += 1
+        tokens += stats[0]["tokens"]
+        elapsed = time.perf_counter() - start
+        if rank == 0:
+            bar.update()
+            bar.set_postfix(loss=f"{stats[0]['loss']:.3f}", fvu=f"{stats[0]['fvu'].mean():.3f}")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                for run, st, wb in itertools.zip_longest(runs, stats, wandb_runs):
+                    record = log_record(run, st, step, tokens, (tokens - start_tokens) / elapsed)
+                    run.log(record)
+                    if wb is not None:
+                        wb.log(record, step=step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if rank == 0:
+                save_checkpoint(out, cfg, runs, step, loader, tokens)
+            if dist.is_initialized():
+                dist.barrier()
+    bar.close()
+    if rank == 0:
+        for run in runs:
+            run.sae.save_pretrained(run.out)
+        for wb in wandb_runs:
+            wb.finish()
+    return [run.out for run in runs]
+
+
+def log_record(run: Run, st: dict, step: int, tokens: int, tokens_per_s: float) -> dict:
+    dead = run.sae.dead_mask(per_layer=True).float().mean(-1)
+    record = {
+        "step": step,
+        "tokens": tokens,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "loss/total": st["loss"],
+        "loss/auxk": st["auxk"],
+        "train/fvu/avg": st["fvu"].mean().item(),
+        "train/l0/avg": st["l0"],
+        "train/dead/rel": run.sae.dead_mask().float().mean().item(),
+    }
+    for i, layer in enumerate(run.sae.config.layers or range(run.sae.config.n_layers)):
+        record[f"train/fvu/layer_{layer}"] = st["fvu"][i].item()
+        record[f"train/dead/layer_{layer}"] = dead[i].item()
+    return record
+
+
+def start_wandb(cfg: TrainConfig, runs: list[Run]) -> list:
+    try:
+        import wandb
+    except ImportError as e:
+        raise MLSAEError("--wandb needs the wandb package: pip install 'mlsae[wandb]'") from e
+    return [wandb.init(project="mlsae", name=run.name, config=asdict(cfg), dir=str(run.out), reinit="create_new")
+            for run in runs]
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_config_path_arg=False)
+    parser.add_arguments(TrainConfig, dest="cfg")
+    return parser.parse_args(argv).cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    for path in train(cfg):
+        print(path)
+
+
+if __name__ == "__main__":
+    run_cli(main)

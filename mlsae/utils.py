@@ -1,0 +1,54 @@
+"""Small shared helpers: the user-facing error type, the cache folder, atomic writes, CLI entry."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+class MLSAEError(Exception):
+    """An error caused by the user's input; CLIs print its message on one line and exit 2."""
+
+
+def cache_dir() -> Path:
+    """Where fetched models, corpora and tokenized data live (``$MLSAE_CACHE`` or ``./cache``)."""
+    return Path(os.environ.get("MLSAE_CACHE", "cache")).resolve()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A reader (or a resumed run) therefore never sees a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a CLI entry point: user errors become one clear line on stderr and exit status 2."""
+    try:
+        main()
+    except MLSAEError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

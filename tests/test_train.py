@@ -1,0 +1,166 @@
+"""Training end to end on a tiny random model: sweeps, exact resume after a kill, bad input, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlsae.tiny import make_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the cat dog river mountain sings runs quickly under over blue red green house tree "
+         "science language model layer vector feature sparse residual stream paris france").split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("train")
+    model = make_tiny("llama", tmp / "tiny-llama", n_layers=3)
+    rng = random.Random(0)
+    with open(tmp / "train.jsonl", "w") as f:
+        for i in range(300):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80)))
+            f.write(json.dumps({"text": text.capitalize() + ".", "meta": {"id": i}}) + "\n")
+    return {"model": str(model), "data": str(tmp / "train.jsonl"), "tmp": tmp}
+
+
+def args(setup: dict, out: Path, *extra: str) -> list[str]:
+    return ["--model_name", setup["model"], "--path", setup["data"], "--out_dir", str(out),
+            "--max_length", "32", "--batch_size", "2", "--tokens_per_step", "128", "--max_tokens", "2560",
+            "--expansion_factor", "2", "-k", "4", "--precision", "fp32", "--log_every", "1",
+            "--checkpoint_every", "4", "--device", "cpu", *extra]
+
+
+def run(argv: list[str], env: dict | None = None, module: str = "mlsae.train") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def only_run(out: Path) -> Path:
+    (folder,) = [p for p in out.iterdir() if p.name.startswith("mlsae-")]
+    return folder
+
+
+def test_train_writes_model_logs_and_learns(setup):
+    out = setup["tmp"] / "plain"
+    result = run(args(setup, out))
+    assert result.returncode == 0, result.stderr
+    folder = only_run(out)
+    assert {"config.json", "model.safetensors", "metrics.jsonl"} <= {p.name for p in folder.iterdir()}
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 21))
+    assert all(0 < r["train/fvu/avg"] < 1.5 for r in lines)  # learning is tested on the real model
+    assert {"train/fvu/layer_0", "train/fvu/layer_2", "train/dead/rel", "loss/auxk"} <= set(lines[0])
+    config = json.loads((folder / "config.json").read_text())
+    assert config["n_layers"] == 3 and config["k"] == 4 and config["n_latents"] == 2 * config["n_inputs"]
+
+
+def test_kill_and_resume_equals_uninterrupted(setup):
+    full = setup["tmp"] / "full"
+    assert run(args(setup, full)).returncode == 0
+    part = setup["tmp"] / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for delay in (4.0, 1.0):  # kill twice, at arbitrary moments after the first checkpoint
+        proc = subprocess.Popen([sys.executable, "-m", "mlsae.train", *args(setup, part),
+                                 *(["--resume"] if (part / "checkpoint").exists() else [])],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (part / "checkpoint").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(delay * random.random())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    result = run(args(setup, part, "--resume"))
+    assert result.returncode == 0, result.stderr
+    a, b = weights(only_run(full)), weights(only_run(part))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log_a = [json.loads(x) for x in (only_run(full) / "metrics.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (only_run(part) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_b] == [r["step"] for r in log_a]
+    assert [r["loss/total"] for r in log_b] == [r["loss/total"] for r in log_a]
+
+
+def test_sweep_trains_each_config_as_its_solo_run(setup):
+    out = setup["tmp"] / "sweep"
+    result = run(args(setup, out, "--expansion_factor", "2", "4", "-k", "4", "8", "--max_tokens", "640"))
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in out.iterdir() if p.name.startswith("mlsae-"))
+    assert names == ["mlsae-tiny-llama-x2-k4", "mlsae-tiny-llama-x2-k8", "mlsae-tiny-llama-x4-k4",
+                     "mlsae-tiny-llama-x4-k8"]
+    solo = setup["tmp"] / "solo"
+    assert run(args(setup, solo, "--expansion_factor", "4", "-k", "8", "--max_tokens", "640")).returncode == 0
+    a, b = weights(out / "mlsae-tiny-llama-x4-k8"), weights(only_run(solo))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_single_layer_sae(setup):
+    out = setup["tmp"] / "single"
+    assert run(args(setup, out, "--layers", "1", "--max_tokens", "256")).returncode == 0
+    config = json.loads((only_run(out) / "config.json").read_text())
+    assert config["layers"] == [1] and config["n_layers"] == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-k", "1000"], "larger than the number of latents"),
+    (["--layers", "7"], "out of range"),
+    (["--tokens_per_step", "100"], "multiple of"),
+    (["--model_name", "/nonexistent/model"], "cannot load"),
+    (["--path", "/nonexistent/data.jsonl.zst"], "no such file"),
+    (["--precision", "fp8"], "invalid choice"),
+    (["--no_such_flag", "1"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_clear_line(setup, extra, message):
+    out = setup["tmp"] / "bad"
+    result = run(args(setup, out, *extra))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "checkpoint").exists()
+
+
+def test_corrupt_corpus(setup):
+    bad = setup["tmp"] / "bad.jsonl.zst"
+    bad.write_bytes(b"\x28\xb5\x2f\xfd" + os.urandom(64))
+    result = run(args({**setup, "data": str(bad)}, setup["tmp"] / "corrupt"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "corrupt" in result.stderr or "truncated" in result.stderr
+
+
+def test_resume_with_other_options_is_refused(setup):
+    out = setup["tmp"] / "other"
+    assert run(args(setup, out, "--max_tokens", "512")).returncode == 0
+    result = run(args(setup, out, "--max_tokens", "512", "--lr", "0.01", "--resume"))
+    assert result.returncode == 2 and "other options" in result.stderr and "lr" in result.stderr
+    again = run(args(setup, out, "--max_tokens", "512"))
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_torchrun_two_processes_equal_single_process(setup):
+    single = setup["tmp"] / "ddp1"  # the same micro-batches, in one process
+    assert run(args(setup, single, "--max_tokens", "640", "--batch_size", "1")).returncode == 0
+    double = setup["tmp"] / "ddp2"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "mlsae.train", *args(setup, double, "--max_tokens", "640", "--batch_size", "1")],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = weights(only_run(single)), weights(only_run(double))
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5)
