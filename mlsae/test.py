@@ -25,7 +25,7 @@ from mlsae.utils import MLSAEError, atomic_path, run_cli
 
 
 @dataclass
-class TestConfig:
+class EvalConfig:
     """Options of ``python -m mlsae.test``."""
 
     repo_id: str
@@ -54,7 +54,7 @@ class TestConfig:
     """Where test_{name}.csv and .json go."""
 
 
-def evaluate(cfg: TestConfig) -> dict[str, float]:
+def evaluate(cfg: EvalConfig) -> dict[str, float]:
     """All metrics of one MLSAE as a flat dict of CSV columns."""
     device = pick_device(cfg.device)
     sae = MLSAE.from_pretrained(cfg.repo_id).to(device)
@@ -121,7 +121,7 @@ def columns(layers: list[int], recon: dict, down: dict | None) -> dict[str, floa
     return out
 
 
-def write_results(results: dict[str, float], cfg: TestConfig, name: str) -> Path:
+def write_results(results: dict[str, float], cfg: EvalConfig, name: str) -> Path:
     out = Path(cfg.out_dir)
     with atomic_path(out / f"test_{name}.csv") as tmp:
         pd.DataFrame([results]).to_csv(tmp, index=False)
@@ -132,7 +132,7 @@ def write_results(results: dict[str, float], cfg: TestConfig, name: str) -> Path
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_config_path_arg=False)
-    parser.add_arguments(TestConfig, dest="cfg")
+    parser.add_arguments(EvalConfig, dest="cfg")
     cfg = parser.parse_args(argv).cfg
     results = evaluate(cfg)
     path = write_results(results, cfg, Path(cfg.repo_id.rstrip("/")).name)

@@ -36,7 +36,11 @@ from mlsae.utils import MLSAEError, atomic_write_text, run_cli
 
 @dataclass
 class TrainConfig:
-    """Options of ``python -m mlsae.train`` (lists of expansion factors and k train a sweep)."""
+    """Options of ``python -m mlsae.train`` (lists of expansion factors and k train a sweep).
+
+    The defaults are the embedded default profile (SmolLM2 + Brown, minutes on a 2-core CPU);
+    ``profiles/*.yaml`` override them (``--config_path``), e.g. the paper's setup.
+    """
 
     model_name: str = DEFAULT_MODEL
     """Transformer: hub id, local folder or .gguf file."""
@@ -48,12 +52,12 @@ class TrainConfig:
     """Dead latents in the AuxK loss (0 disables it)."""
     auxk_coef: float = SAEConfig.auxk_coef
     """Weight of the AuxK loss."""
-    dead_tokens_threshold: int = SAEConfig.dead_tokens_threshold
+    dead_tokens_threshold: int = 100_000
     """A latent is dead after this many tokens without firing."""
     dead_threshold: float = SAEConfig.dead_threshold
     """Activation above which a latent has fired."""
-    lr: float = 1e-4
-    """Adam learning rate (constant; betas (0.9, 0.999), eps 6.25e-10)."""
+    lr: float = 1e-3
+    """Adam learning rate (constant; betas (0.9, 0.999), eps 6.25e-10; the paper used 1e-4 for 1B tokens)."""
     standardize: bool = SAEConfig.standardize
     """Standardize each residual vector over its features."""
     skip_special_tokens: bool = True
@@ -66,7 +70,7 @@ class TrainConfig:
     """Sequences per transformer forward (micro-batch)."""
     tokens_per_step: int = 4096
     """Tokens per optimizer step (gradient accumulation over micro-batches)."""
-    max_tokens: int = 1_000_000
+    max_tokens: int = 262_144
     """Training tokens in total."""
     layers: list[int] | None = flag(default=None, nargs="*")
     """Transformer layers to read (default: all); one layer trains a per-layer SAE."""
@@ -400,10 +404,20 @@ def train(cfg: TrainConfig) -> list[Path]:
     bar.close()
     if rank == 0:
         for run in runs:
-            run.sae.save_pretrained(run.out)
+            save_model(run.sae, run.out)
         for wb in wandb_runs:
             wb.finish()
     return [run.out for run in runs]
+
+
+def save_model(sae: MLSAE, folder: Path) -> None:
+    """save_pretrained into a temporary folder, then move each file into place atomically."""
+    tmp = folder.with_name(folder.name + ".saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sae.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, folder / f.name)
+    tmp.rmdir()
 
 
 def log_record(run: Run, st: dict, step: int, tokens: int, tokens_per_s: float) -> dict:
@@ -434,7 +448,7 @@ def start_wandb(cfg: TrainConfig, runs: list[Run]) -> list:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_config_path_arg=False)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_config_path_arg=True)
     parser.add_arguments(TrainConfig, dest="cfg")
     return parser.parse_args(argv).cfg
 

@@ -164,3 +164,19 @@ def test_torchrun_two_processes_equal_single_process(setup):
     a, b = weights(only_run(single)), weights(only_run(double))
     for key in a:
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5)
+
+
+def test_wandb_logs_offline(setup, tmp_path):
+    out = setup["tmp"] / "wandb"
+    result = run(args(setup, out, "--max_tokens", "256", "--wandb"), env={"WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list(only_run(out).glob("wandb/offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_empty_dataset(setup):
+    empty = setup["tmp"] / "empty.jsonl"
+    empty.write_text("")
+    result = run(args({**setup, "data": str(empty)}, setup["tmp"] / "empty"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "empty" in result.stderr or "no documents" in result.stderr or "fewer tokens" in result.stderr

@@ -1,0 +1,111 @@
+"""Evaluation against an independent computation, and the real embedded default end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlsae.data import load_chunks
+from mlsae.model import MLSAE, SAEConfig
+from mlsae.test import EvalConfig, evaluate
+from mlsae.tiny import make_tiny
+from mlsae.transformer import load_transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    model_dir = make_tiny("llama", tmp / "tiny", n_layers=3)
+    with open(tmp / "test.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": f"Document {i}: the river runs under the old stone bridge. " * 5}) + "\n")
+    torch.manual_seed(0)
+    sae = MLSAE(SAEConfig(n_inputs=64, n_latents=256, k=8, n_layers=2, layers=[0, 1], model_name=str(model_dir)))
+    sae.save_pretrained(tmp / "sae")
+    return tmp
+
+
+def test_metrics_match_an_independent_computation(tiny):
+    cfg = EvalConfig(repo_id=str(tiny / "sae"), path=str(tiny / "test.jsonl"), split="test", max_length=32,
+                     batch_size=4, max_tokens=1024, downstream_tokens=1024, precision="fp32", device="cpu",
+                     skip_special_tokens=False)
+    results = evaluate(cfg)
+    model, tokenizer = load_transformer(str(tiny / "tiny"))
+    sae = MLSAE.from_pretrained(tiny / "sae")
+    ids = load_chunks(cfg.path, "test", tokenizer, 32, max_tokens=1024)
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        clean = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        for layer in (0, 1):
+            x = out.hidden_states[layer + 1]
+            recon, _ = sae(x)
+            fvu = (recon - x).pow(2).sum() / (x - x.mean()).pow(2).sum()
+            assert results[f"train/fvu/layer_{layer}"] == pytest.approx(fvu.item(), rel=1e-4)
+            block = model.model.layers[layer]
+            handle = block.register_forward_hook(lambda m, a, o: recon if torch.is_tensor(o) else (recon, *o[1:]))
+            try:
+                spliced = model(ids).logits
+            finally:
+                handle.remove()
+            ce = F.cross_entropy(spliced[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            assert results[f"val/loss/delta/layer_{layer}"] == pytest.approx((ce - clean).item(), rel=1e-3, abs=1e-5)
+            p, q = out.logits.log_softmax(-1), spliced.log_softmax(-1)
+            kl = (p.exp() * (p - q)).sum(-1).mean()
+            assert results[f"val/logit/kldiv/layer_{layer}"] == pytest.approx(kl.item(), rel=1e-3, abs=1e-6)
+    assert results["val/loss/clean"] == pytest.approx(clean.item(), rel=1e-4)
+    for name in ("train/fvu", "train/mse", "train/l1", "val/loss/delta", "val/logit/kldiv", "val/logit/mse"):
+        assert {f"{name}/layer_0", f"{name}/layer_1", f"{name}/avg"} <= set(results)
+    assert 0 <= results["train/l0/avg"] <= 8
+
+
+def test_cli_writes_csv_and_json(tiny):
+    out = tiny / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "mlsae.test", "--repo_id", str(tiny / "sae"), "--path", str(tiny / "test.jsonl"),
+         "--max_length", "32", "--max_tokens", "512", "--downstream_tokens", "128", "--out_dir", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    row = pd.read_csv(out / "test_sae.csv")
+    assert len(row) == 1 and "val/loss/delta/avg" in row
+    assert json.loads((out / "test_sae.json").read_text())["results"]["train/fvu/avg"] == pytest.approx(
+        row["train/fvu/avg"][0])
+    bad = subprocess.run([sys.executable, "-m", "mlsae.test", "--repo_id", str(tiny / "missing")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "cannot load MLSAE" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_default_model_trains_and_evaluates(tmp_path):
+    """A few hundred steps on SmolLM2-135M + Brown: FVU falls well below its starting value and 1."""
+    env = {**os.environ}
+    train = subprocess.run(
+        [sys.executable, "-m", "mlsae.train", "--out_dir", str(tmp_path / "run"), "--expansion_factor", "4",
+         "-k", "32", "--max_length", "128", "--batch_size", "1", "--tokens_per_step", "128",
+         "--max_tokens", str(128 * 200), "--log_every", "10", "--checkpoint_every", "100"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)
+    assert train.returncode == 0, train.stderr[-2000:]
+    folder = tmp_path / "run" / "mlsae-SmolLM2-135M-Instruct-x4-k32"
+    log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    first, last = log[0]["train/fvu/avg"], sum(r["train/fvu/avg"] for r in log[-3:]) / 3
+    assert last < 0.6 * first and last < 0.3, (first, last)
+    test = subprocess.run(
+        [sys.executable, "-m", "mlsae.test", "--repo_id", str(folder), "--max_length", "128",
+         "--max_tokens", "4096", "--downstream_tokens", "256", "--out_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)
+    assert test.returncode == 0, test.stderr[-2000:]
+    row = pd.read_csv(tmp_path / "out" / f"test_{folder.name}.csv").iloc[0]
+    assert row["train/fvu/avg"] < 0.4
+    assert 0 < row["val/loss/delta/avg"] < row["val/loss/zero/avg"] - row["val/loss/clean"]
+    assert row["val/logit/kldiv/avg"] > 0
+    assert {f"train/fvu/layer_{i}" for i in range(30)} <= set(row.index)
