@@ -5,7 +5,7 @@ of ``batch_size`` sequences (stopping after the deepest layer needed, no LM head
 vectors of every layer (special-token positions excluded) train every MLSAE of the sweep, each
 with its own Adam. Checkpoints hold everything needed for an exact resume (weights, optimizer,
 dead-latent counters, data position, RNG), are written atomically and in safetensors only.
-With ``torchrun`` each rank reads its own shard of each global batch and gradients are averaged.
+With ``torchrun`` each rank reads its own shard of each global batch; DDP averages the gradients.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from simple_parsing import ArgumentParser
 from simple_parsing import field as flag
 from tqdm.auto import tqdm
@@ -123,10 +125,34 @@ class Run:
     sae: MLSAE
     optimizer: torch.optim.Adam
     out: Path
+    objective: nn.Module | None = None  # the loss, wrapped in DistributedDataParallel under torchrun
+
+    def __post_init__(self) -> None:
+        self.objective = Objective(self.sae)
+        if dist.is_initialized():
+            # DDP averages gradients over ranks; the dead-latent counters are reduced by hand.
+            self.objective = DistributedDataParallel(self.objective, broadcast_buffers=False)
+
+    def loss(self, x: torch.Tensor, sync: bool):
+        """The MLSAE's loss; under DDP, gradients are all-reduced only when ``sync``."""
+        no_sync = getattr(self.objective, "no_sync", contextlib.nullcontext)
+        with contextlib.nullcontext() if sync else no_sync():
+            return self.objective(x)
 
     def log(self, record: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class Objective(nn.Module):
+    """``MLSAE.loss`` as a module's forward, which is what DistributedDataParallel wraps."""
+
+    def __init__(self, sae: MLSAE):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: torch.Tensor):
+        return self.sae.loss(x)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -286,13 +312,13 @@ def train_step(
     stats = [{"loss": 0.0, "fvu": torch.zeros(len(layers)), "auxk": 0.0, "l0": 0.0} for _ in runs]
     fired = [torch.zeros(len(layers), r.sae.config.n_latents, dtype=torch.bool, device=r.sae.W_enc.device) for r in runs]
     n_tokens = torch.zeros((), dtype=torch.long)
-    for ids in batches:
+    for i, ids in enumerate(batches):
         with torch.no_grad(), autocast:
             x = residual_batch(transformer, ids, layers, cfg.skip_special_tokens)
         n_tokens += x.shape[1]
         for run, st, fi in zip(runs, stats, fired):
             with autocast:
-                out = run.sae.loss(x)
+                out = run.loss(x, sync=i == n_micro - 1)
             (out.loss / n_micro).backward()
             st["loss"] += out.loss.item() / n_micro
             st["fvu"] += out.fvu.cpu() / n_micro
@@ -301,9 +327,6 @@ def train_step(
             fi |= run.sae.fired(out.topk)
     n_tokens = int(all_reduce(n_tokens))
     for run, st, fi in zip(runs, stats, fired):
-        for p in run.sae.parameters():
-            if world > 1:
-                all_reduce(p.grad).div_(world)
         run.sae.project_decoder_grad()
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
