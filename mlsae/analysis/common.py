@@ -1,0 +1,121 @@
+"""What the analysis CLIs share: options, loading an MLSAE with its transformer, output folders."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from simple_parsing import ArgumentParser
+
+from mlsae.model import MLSAE
+from mlsae.train import pick_device
+from mlsae.transformer import Transformer, load_transformer
+from mlsae.utils import MLSAEError, atomic_write_text
+
+C = TypeVar("C")
+
+
+@dataclass
+class DataOptions:
+    """Held-out data and how the pass runs over it."""
+
+    path: str = "brown"
+    """Held-out data: a .jsonl[.zst] file, a folder of splits, 'brown', or a hub dataset id."""
+    split: str = "test"
+    """Split of the data."""
+    max_length: int = 256
+    """Tokens per sequence."""
+    batch_size: int = 4
+    """Sequences per forward pass."""
+    max_tokens: int = 65_536
+    """Tokens to read (special-token positions are then left out)."""
+    precision: str = "bf16"
+    """Autocast precision of the transformer and the encoder product (bf16 or fp32)."""
+    device: str = "auto"
+    """cpu, cuda, or auto."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "batch_size", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise MLSAEError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.precision not in ("bf16", "fp32"):
+            raise MLSAEError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+
+
+@dataclass
+class SAEOptions:
+    """An MLSAE, its transformer, held-out data and where the results go."""
+
+    repo_id: str
+    """The MLSAE: a folder written by mlsae.train, or a hub repo id (this project's or the reference's)."""
+    model_name: str | None = None
+    """Transformer (default: the one named in the MLSAE's config)."""
+    data: DataOptions = field(default_factory=DataOptions)
+    """Held-out data (special-token positions are left out of every analysis)."""
+    out_dir: str | None = None
+    """Output folder (default: out/analysis/<MLSAE name>)."""
+
+    @property
+    def out(self) -> Path:
+        return Path(self.out_dir) if self.out_dir else default_out_dir(self.repo_id)
+
+
+def sae_name(repo_id: str) -> str:
+    """``runs/default/mlsae-x-x8-k32/`` and ``owner/mlsae-x-x8-k32`` are both ``mlsae-x-x8-k32``."""
+    return Path(str(repo_id).rstrip("/")).name
+
+
+def default_out_dir(name: str) -> Path:
+    return Path("out") / "analysis" / sae_name(name)
+
+
+def parse(config: type[C], argv: list[str] | None, description: str | None) -> C:
+    """Parse ``argv`` into ``config`` (field docstrings are the help texts)."""
+    parser = ArgumentParser(description=description, add_config_path_arg=False)
+    parser.add_arguments(config, dest="cfg")
+    return parser.parse_args(argv).cfg
+
+
+def load_sae(repo_id: str, device: str | torch.device = "cpu") -> MLSAE:
+    return MLSAE.from_pretrained(repo_id).to(device).eval().requires_grad_(False)
+
+
+def load_pair(repo_id: str, model_name: str | None = None,
+              device: str = "auto") -> tuple[MLSAE, Transformer, list[int]]:
+    """The MLSAE, its transformer and the transformer layers it reads (in its order)."""
+    dev = pick_device(device)
+    sae = load_sae(repo_id, dev)
+    name = model_name or sae.config.model_name
+    if name is None:
+        raise MLSAEError(f"{repo_id} does not name its transformer: pass --model_name")
+    transformer = Transformer(*load_transformer(name, device=dev))
+    if transformer.d_model != sae.config.n_inputs:
+        raise MLSAEError(f"{name} has d_model {transformer.d_model}, the MLSAE expects {sae.config.n_inputs}")
+    layers = list(sae.config.layers) if sae.config.layers else list(range(transformer.n_layers))
+    if len(layers) != sae.config.n_layers:
+        raise MLSAEError(f"the MLSAE reads {sae.config.n_layers} layers but {name} has {transformer.n_layers}")
+    return sae, transformer, layers
+
+
+def finite(x: Any) -> Any:
+    """Floats (possibly nested in dicts and lists) with NaN and inf as None, so JSON stays standard."""
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(path: Path, data: dict) -> Path:
+    atomic_write_text(path, json.dumps(finite(data), indent=2) + "\n")
+    return path
+
+
+def config_dict(cfg: Any) -> dict:
+    return asdict(cfg)

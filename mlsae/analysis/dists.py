@@ -1,0 +1,175 @@
+"""How each latent's activation is distributed over layers: ``python -m mlsae.analysis.dists --repo_id R``.
+
+Per (layer, latent), over the held-out tokens (special tokens left out):
+
+- ``counts[l, f]``: tokens at which f was selected at layer l with activation > dead_threshold;
+- ``totals[l, f]``: the sum of f's activations at layer l.
+
+Derived per latent f, with l the MLSAE's layer index 0..L-1 (the transformer layer when the
+MLSAE reads every layer):
+
+- ``probs[:, f] = totals[:, f] / sum_l totals[l, f]``: the distribution of f's activation mass over layers;
+- ``layer_mean = sum_l l p_l``, ``layer_var = sum_l l^2 p_l - layer_mean^2``, ``layer_std = sqrt(layer_var)``.
+
+The summary takes the mean, variance, standard deviation (both over n latents, ddof 0) and
+standard error (std / sqrt(n)) of ``layer_std`` over the n latents that fired, absolute and
+divided by L. (The reference divided the standard error by the number of all latents, dead ones
+included.) Files: ``dists.safetensors`` (``counts``, ``totals`` float32 ``[L, F]``, as in the
+reference), ``dists.csv`` (one row per latent) and ``dists.json`` (the summary).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mlsae.analysis.common import SAEOptions, config_dict, parse, write_json
+from mlsae.analysis.stream import Batch, prepare, stream
+from mlsae.utils import MLSAEError, atomic_path, run_cli
+
+
+class DistsAccumulator:
+    """Accumulates ``counts`` and ``totals`` ``[L, F]`` in float64 (exact for any token budget)."""
+
+    def __init__(self, n_layers: int, n_latents: int, dead_threshold: float, device: torch.device | str = "cpu"):
+        self.counts = torch.zeros(n_layers, n_latents, dtype=torch.float64, device=device)
+        self.totals = torch.zeros(n_layers, n_latents, dtype=torch.float64, device=device)
+        self.dead_threshold = dead_threshold
+
+    def update(self, batch: Batch) -> None:
+        values, indices = batch.topk
+        L = values.shape[0]
+        values, indices = values.reshape(L, -1).double(), indices.reshape(L, -1)
+        self.counts.scatter_add_(1, indices, (values > self.dead_threshold).double())
+        self.totals.scatter_add_(1, indices, values)
+
+    def result(self, layers: list[int], tokens: int = 0) -> Dists:
+        return Dists(self.counts.float().cpu(), self.totals.float().cpu(), layers, tokens)
+
+
+@dataclass
+class Dists:
+    """Layer distributions of every latent (see the module docstring for the definitions)."""
+
+    counts: Tensor  # [L, F]
+    totals: Tensor  # [L, F]
+    layers: list[int]  # transformer layer of each index
+    tokens: int = 0  # tokens they were counted over
+
+    @property
+    def n_layers(self) -> int:
+        return self.counts.shape[0]
+
+    @cached_property
+    def fired(self) -> Tensor:
+        """[F] bool: activation above dead_threshold at some layer."""
+        return self.counts.sum(0) > 0
+
+    @cached_property
+    def probs(self) -> Tensor:
+        """[L, F] distribution over layers (NaN for latents with no activation mass)."""
+        totals = self.totals.double()
+        total = totals.sum(0)
+        return (totals / total.where(total > 0, torch.nan)).float()
+
+    @cached_property
+    def layer_mean(self) -> Tensor:
+        return _moments(self.probs)[0]
+
+    @cached_property
+    def layer_var(self) -> Tensor:
+        return _moments(self.probs)[1]
+
+    @cached_property
+    def layer_std(self) -> Tensor:
+        return self.layer_var.sqrt()
+
+    def summary(self) -> dict:
+        std = self.layer_std[self.fired].double()
+        return {
+            "n_layers": self.n_layers,
+            "n_latents": self.counts.shape[1],
+            "n_fired": int(self.fired.sum()),
+            "tokens": self.tokens,
+            "layer_std": _stats(std),
+            "layer_std_rel": _stats(std / self.n_layers),
+        }
+
+    def frame(self) -> pd.DataFrame:
+        """One row per latent: count, total, fired, layer_mean, layer_var, layer_std."""
+        return pd.DataFrame({
+            "latent": range(self.counts.shape[1]),
+            "count": self.counts.sum(0).numpy(),
+            "total": self.totals.sum(0).numpy(),
+            "fired": self.fired.numpy(),
+            "layer_mean": self.layer_mean.numpy(),
+            "layer_var": self.layer_var.numpy(),
+            "layer_std": self.layer_std.numpy(),
+        })
+
+    def save(self, out: Path, meta: dict | None = None) -> Path:
+        """Write the three files; ``meta`` (e.g. ``{"config": ..., "pass": ...}``) goes into dists.json."""
+        meta = {"layers": json.dumps(self.layers), "tokens": str(self.tokens)}
+        with atomic_path(out / "dists.safetensors") as tmp:
+            save_file({"counts": self.counts.float().contiguous(), "totals": self.totals.float().contiguous()},
+                      tmp, metadata=meta)
+        with atomic_path(out / "dists.csv") as tmp:
+            self.frame().to_csv(tmp, index=False)
+        write_json(out / "dists.json", {**self.summary(), "layers": self.layers, **(meta or {})})
+        return out / "dists.safetensors"
+
+    @classmethod
+    def load(cls, path: str | Path) -> Dists:
+        """From ``dists.safetensors`` (or a folder holding it); also reads the reference's files."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "dists.safetensors"
+        if not path.is_file():
+            raise MLSAEError(f"no dists file at {path}: run python -m mlsae.analysis.dists (or .run) first")
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path)
+        counts, totals = tensors["counts"], tensors["totals"]
+        layers = json.loads(meta["layers"]) if "layers" in meta else list(range(counts.shape[0]))
+        return cls(counts, totals, layers, int(meta.get("tokens", 0)))
+
+
+def _moments(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and variance of the layer index under each column of ``probs [L, ...]``."""
+    ell = torch.arange(probs.shape[0], dtype=torch.float64).view(-1, *[1] * (probs.ndim - 1))
+    p = probs.double()
+    mean = (ell * p).sum(0)
+    var = ((ell**2 * p).sum(0) - mean**2).clamp_min(0)
+    return mean.float(), var.float()
+
+
+def _stats(x: Tensor) -> dict[str, float]:
+    n = x.numel()
+    if n == 0:
+        return {"mean": float("nan"), "var": float("nan"), "std": float("nan"), "sem": float("nan")}
+    var = x.var(unbiased=False).item()
+    return {"mean": x.mean().item(), "var": var, "std": var**0.5, "sem": var**0.5 / n**0.5}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse(SAEOptions, argv, __doc__.split("\n\n")[0])
+    p = prepare(cfg)
+    acc = DistsAccumulator(p.n_layers, p.n_latents, p.sae.config.dead_threshold, p.device)
+    info = stream(p, [acc], cfg.data, desc="dists")
+    dists = acc.result(p.layers, info["tokens"])
+    path = dists.save(cfg.out, {"config": config_dict(cfg), "pass": info})
+    print(json.dumps(dists.summary(), indent=2))
+    print(path)
+
+
+if __name__ == "__main__":
+    run_cli(main)
