@@ -1,0 +1,367 @@
+"""Plotly figures and HTML fragments for the explorer's views, shared by the live app and the book.
+
+Every builder takes the plain values an ``Explorer`` computes, so the live widgets and the book's
+precomputed pages draw the same pictures. ``book_views`` precomputes interactive views for a few
+example prompts; ``views_html`` turns them into one self-contained HTML fragment (plotly.js
+inlined once) that a built book can show without a kernel or a network.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from torch import Tensor
+
+from mlsae.explorer import Explorer, Histograms, LatentLayerMatrix, Logit, LogitLists, PromptRun, token_texts, visible
+
+ACCENT = "#1565c0"  # selection outlines
+SHADE = (255, 127, 14)  # activation shading (plotly's orange)
+_FONT = "ui-monospace, SFMono-Regular, Menlo, Consolas, monospace"
+
+HOW_TO_RUN_LIVE = """\
+**Run the explorer live.** After `make all` has trained the default MLSAE, `make explore` serves
+the explorer as a local web app (Voilà, bound to 127.0.0.1) and prints its address; open it in a
+browser, type a prompt and press Submit. `make explore MODEL=<MLSAE folder or hub id>` explores
+another MLSAE (its config names the transformer). In Jupyter, open `notebooks/explorer.ipynb` and
+run it, or in any notebook:
+
+```python
+from mlsae.explorer_app import build_app
+build_app("runs/default/mlsae-SmolLM2-135M-Instruct-x8-k32")
+```
+
+Click a token to select its position; the layer, latent, threshold and steering factor controls
+update every view. Only the reconstruction and steering logits run the model again (from the
+selected layer on); everything else reuses the prompt's cached forward pass.
+"""
+
+
+def shade(value: float, top: float) -> str:
+    """A background colour from white to orange for ``value`` on a 0..``top`` scale (hex, for widgets)."""
+    a = 0.0 if top <= 0 else max(0.0, min(1.0, value / top))
+    r, g, b = (round(255 + (c - 255) * a) for c in SHADE)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def _np(t: Tensor):
+    """A CPU numpy array (plotly serialises these compactly)."""
+    return t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+
+
+def _layer_axis(fig: go.Figure, layers: Sequence[int]) -> None:
+    """A y axis of whole layer numbers (every layer labelled while they fit)."""
+    fig.update_yaxes(title_text="layer", dtick=1 if len(layers) <= 16 else None)
+    fig.update_layout(height=max(320, 110 + 10 * len(layers)))  # rows stay readable with many layers
+
+
+def _heat_layout(title: str, height: int = 320) -> dict:
+    """No template here: the live app sets one per widget once (templates are slow to copy)."""
+    return dict(title=dict(text=title, font=dict(size=14)), height=height, margin=dict(l=60, r=20, t=40, b=50))
+
+
+# ----------------------------------------------------------------------------- selection marks
+
+
+def layer_band(layer: int) -> dict:
+    """An outline around one layer's row."""
+    return dict(type="rect", xref="paper", x0=0, x1=1, y0=layer - 0.5, y1=layer + 0.5, line=dict(color=ACCENT, width=2))
+
+
+def position_band(position: int) -> dict:
+    """A dotted outline around one token's column."""
+    return dict(type="rect", yref="paper", y0=0, y1=1, x0=position - 0.5, x1=position + 0.5,
+                line=dict(color=ACCENT, width=1.5, dash="dot"))
+
+
+def latent_band(m: LatentLayerMatrix, latent: int | None) -> list[dict]:
+    """An outline around a latent's column of a latent x layer figure, if it is there."""
+    if latent is None or latent not in m.latents:
+        return []
+    return [dict(type="rect", yref="paper", y0=0, y1=1, x0=m.latents.index(latent) - 0.5,
+                 x1=m.latents.index(latent) + 0.5, line=dict(color=ACCENT, width=2))]
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def latent_layer_figure(
+    m: LatentLayerMatrix, title: str, *, value_name: str = "activation", selected_latent: int | None = None
+) -> go.Figure:
+    """Latents (sorted by mean layer) along x, layers along y, with each latent's mean layer marked.
+
+    The paper draws its prompt heatmaps this way round, so a drift of latents to deeper layers
+    reads left to right. x is the latent's rank (a numeric axis stays fast with thousands of
+    latents); hovering names the latent, and the axis names them while they fit.
+    """
+    n = len(m.latents)
+    ranks = np.arange(n)
+    ids = np.asarray(m.latents, dtype=np.int32)
+    fig = go.Figure(go.Heatmap(
+        x=ranks, y=m.layers, z=_np(m.values.T) if n else [[]], colorscale="Viridis", zmin=0,
+        customdata=np.broadcast_to(ids, (len(m.layers), n)) if n else None,
+        hovertemplate="latent %{customdata}<br>layer %{y}<br>" + value_name + " %{z:.3g}<extra></extra>",
+        colorbar=dict(title=dict(text=value_name, side="right"), thickness=12),
+    ))
+    fig.add_trace(go.Scatter(
+        x=ranks, y=_np(m.mean_layer), customdata=ids, mode="markers", showlegend=False,
+        marker=dict(size=4, color="white", line=dict(width=0.5)),
+        hovertemplate="latent %{customdata}: mean layer %{y:.2f}<extra></extra>",
+    ))
+    fig.update_layout(**_heat_layout(title), shapes=latent_band(m, selected_latent))
+    _layer_axis(fig, m.layers)
+    few = n <= 40
+    fig.update_xaxes(title_text=f"{n} latents, sorted by mean layer", showticklabels=few,
+                     tickmode="array" if few else "auto", tickvals=ranks if few else None,
+                     ticktext=[str(f) for f in m.latents] if few else None)
+    if not n:
+        fig.add_annotation(text="no latent above the threshold here", showarrow=False, x=0.5, y=0.5,
+                           xref="paper", yref="paper")
+    return fig
+
+
+def histogram_figure(h: Histograms, layers: Sequence[int], selected_layer: int | None = None) -> go.Figure:
+    """Per-layer histograms of the prompt's activations as one layer x activation heatmap (log counts)."""
+    centres = _np((h.edges[1:] + h.edges[:-1]) / 2)
+    fig = go.Figure(go.Heatmap(
+        x=centres, y=list(layers), z=_np(torch.log10(1 + h.counts)), colorscale="Blues",
+        customdata=_np(h.counts.long()),
+        hovertemplate="layer %{y}<br>activation %{x:.3g}<br>%{customdata} latents<extra></extra>",
+        colorbar=dict(title=dict(text="log10(1+count)", side="right"), thickness=12),
+    ))
+    shapes = [layer_band(selected_layer)] if selected_layer is not None else []
+    fig.update_layout(**_heat_layout("Latent activations per layer (histograms)"), shapes=shapes)
+    _layer_axis(fig, layers)
+    fig.update_xaxes(title_text="activation")
+    return fig
+
+
+def latent_tokens_figure(
+    acts: Tensor, tokens: Sequence[str], layers: Sequence[int], latent: int,
+    selected_layer: int | None = None, selected_position: int | None = None,
+) -> go.Figure:
+    """One latent's activation at every (layer, token): where in depth and in the prompt it fires."""
+    P = len(tokens)
+    fig = go.Figure(go.Heatmap(
+        x=list(range(P)), y=list(layers), z=_np(acts), colorscale="Oranges", zmin=0,
+        customdata=[list(tokens)] * len(layers),
+        hovertemplate="token %{x} %{customdata}<br>layer %{y}<br>activation %{z:.3g}<extra></extra>",
+        colorbar=dict(title=dict(text="activation", side="right"), thickness=12),
+    ))
+    shapes = ([layer_band(selected_layer)] if selected_layer is not None else []) + (
+        [position_band(selected_position)] if selected_position is not None else [])
+    fig.update_layout(**_heat_layout(f"Latent {latent} at every layer and token"), shapes=shapes)
+    _layer_axis(fig, layers)
+    fig.update_xaxes(title_text="token", tickmode="array", tickvals=list(range(P)) if P <= 48 else None,
+                     ticktext=list(tokens) if P <= 48 else None, tickangle=-60)
+    return fig
+
+
+def logits_table_figure(lists: dict[str, LogitLists], title: str) -> go.Figure:
+    """A plotly table of next-token logit lists (for the book, where there are no widgets)."""
+    header, columns = [], []
+    for name, ll in lists.items():
+        header += [f"{name}: top", "logit", "p"]
+        columns += [[t.token for t in ll.top], [f"{t.value:.2f}" for t in ll.top],
+                    [f"{t.prob:.3f}" if t.prob is not None else "" for t in ll.top]]
+        if ll.increases:
+            header += ["increases", "Δ", "decreases", "Δ"]
+            columns += [[t.token for t in ll.increases], [f"{t.value:+.2f}" for t in ll.increases],
+                        [t.token for t in ll.decreases], [f"{t.value:+.2f}" for t in ll.decreases]]
+    fig = go.Figure(go.Table(
+        header=dict(values=header, font=dict(size=11), align="left"),
+        cells=dict(values=columns, font=dict(family=_FONT, size=11), align="left", height=20),
+    ))
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=120 + 20 * max(map(len, columns), default=0),
+                      margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+# ----------------------------------------------------------------------------- HTML fragments
+
+
+def token_strip_html(tokens: Sequence[str], values: Sequence[float], top: float, selected: int | None = None) -> str:
+    """Tokens as shaded spans (used for examples and the book; the live strip is clickable buttons)."""
+    spans = []
+    for i, (t, v) in enumerate(zip(tokens, values)):
+        border = f"outline:2px solid {ACCENT};" if i == selected else ""
+        spans.append(
+            f'<span title="{v:.3g}" style="background:{shade(v, top)};{border}padding:1px 2px;margin:1px;'
+            f'border-radius:3px;white-space:pre">{html.escape(t)}</span>'
+        )
+    return f'<div style="font-family:{_FONT};font-size:13px;line-height:1.9">{"".join(spans)}</div>'
+
+
+def examples_html(table, tokenizer, n: int = 32) -> str:
+    """Max-activating examples as rows of shaded tokens, the example's own token outlined."""
+    rows = []
+    for _, row in table.head(n).iterrows():
+        tokens = [visible(t) for t in token_texts(tokenizer, list(row["token_ids"]))]
+        acts = [float(a) for a in row["acts"]]
+        strip = token_strip_html(tokens, acts, max(acts, default=0.0), selected=int(row["center"]))
+        rows.append(
+            f'<tr><td style="padding-right:8px;color:#555">{int(row["rank"]) + 1}</td>'
+            f'<td style="padding-right:8px;font-family:{_FONT}">{float(row["activation"]):.3f}</td><td>{strip}</td></tr>'
+        )
+    return f'<table style="border-collapse:collapse"><tr><th>#</th><th>act</th><th>context</th></tr>{"".join(rows)}</table>'
+
+
+def _logit_rows(items: Sequence[Logit], signed: bool) -> str:
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    rows = []
+    for t in items:
+        prob = "" if t.prob is None else f"<td style='color:#555'>{t.prob:.3f}</td>"
+        rows.append(f"<tr><td style='font-family:{_FONT};white-space:pre'>{html.escape(t.token)}</td>"
+                    f"<td style='text-align:right'>{fmt.format(t.value)}</td>{prob}</tr>")
+    return "".join(rows)
+
+
+def logit_table_html(title: str, items: Sequence[Logit], signed: bool = False) -> str:
+    head = "<th>token</th><th>Δ logit</th>" if signed else "<th>token</th><th>logit</th><th>p</th>"
+    return (f"<div style='margin:0 12px 8px 0'><div style='font-weight:600'>{html.escape(title)}</div>"
+            f"<table style='font-size:12px;border-collapse:collapse'><tr>{head}</tr>{_logit_rows(items, signed)}</table></div>")
+
+
+def logits_html(panels: dict[str, LogitLists | str]) -> str:
+    """Panels of logit tables side by side; a panel given as a string is a message instead."""
+    parts = []
+    for name, ll in panels.items():
+        if isinstance(ll, str):
+            body = f"<div style='color:#a00'>{html.escape(ll)}</div>"
+        else:
+            body = logit_table_html("top 16", ll.top)
+            if ll.increases or ll.decreases:
+                body += logit_table_html("largest increases", ll.increases, signed=True)
+                body += logit_table_html("largest decreases", ll.decreases, signed=True)
+        parts.append(f"<div style='margin:0 24px 12px 0'><div style='font-weight:700;margin-bottom:4px'>"
+                     f"{html.escape(name)}</div><div style='display:flex;flex-wrap:wrap'>{body}</div></div>")
+    return f"<div style='display:flex;flex-wrap:wrap'>{''.join(parts)}</div>"
+
+
+# ----------------------------------------------------------------------------- the book
+
+
+@dataclass
+class View:
+    title: str
+    figure: go.Figure
+
+
+def book_views(explorer: Explorer, prompts: Sequence[str], *, n_latents: int = 8, factor: float = 5.0,
+               threshold: float = 0.05) -> list[View]:
+    """Precomputed interactive views of a few prompts, for the book's explorer chapter.
+
+    Per prompt: the whole-prompt heatmap, the per-layer histograms, the top latents across layers and
+    tokens (a dropdown picks the latent), the last position's active latents, and next-token logits
+    at the last position: the model's, with each layer replaced by its reconstruction (a dropdown
+    picks the layer), and steered by the prompt's strongest latent (a dropdown picks the factor).
+    """
+    views = []
+    for prompt in prompts:
+        run = explorer.submit(prompt)
+        short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        views += _prompt_views(explorer, run, f"“{short}”", n_latents, factor, threshold)
+    return views
+
+
+def _prompt_views(ex: Explorer, run: PromptRun, name: str, n_latents: int, factor: float,
+                  threshold: float) -> list[View]:
+    last, mid = run.n_tokens - 1, ex.layers[len(ex.layers) // 2]
+    top = _top_latents(ex, run, n_latents)
+    return [
+        View(f"{name}: prompt heatmap", latent_layer_figure(ex.prompt_heatmap(run), "Latents of the whole prompt "
+             "(activation summed over tokens, normalised over layers)", value_name="share")),
+        View(f"{name}: histograms", histogram_figure(ex.histograms(run), ex.layers)),
+        View(f"{name}: top latents", _latent_dropdown_figure(ex, run, top)),
+        View(f"{name}: last position", latent_layer_figure(ex.position_view(run, last, threshold),
+             f"Latents above {threshold:g} at the last token “{run.tokens[last]}”")),
+        View(f"{name}: reconstruction logits", _recon_dropdown_figure(ex, run, last)),
+        View(f"{name}: steering logits",
+             _steer_dropdown_figure(ex, run, mid, ex.strongest_latent(run, mid, last), last, factor)),
+    ]
+
+
+def _top_latents(ex: Explorer, run: PromptRun, n: int) -> list[int]:
+    """The prompt's latents with the largest total activation."""
+    indices, values = run.topk.indices.reshape(-1).cpu(), run.topk.values.reshape(-1).float().cpu()
+    totals = torch.zeros(ex.n_latents).scatter_add_(0, indices, values)
+    return totals.topk(min(n, int((totals > 0).sum()) or 1)).indices.tolist()
+
+
+def _dropdown(labels: Sequence[str]) -> dict:
+    """A menu showing trace i alone when label i is picked (the traces were precomputed)."""
+    buttons = [dict(label=label, method="update", args=[{"visible": [j == i for j in range(len(labels))]}])
+               for i, label in enumerate(labels)]
+    return dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.18, yanchor="top", showactive=True)
+
+
+def _latent_dropdown_figure(ex: Explorer, run: PromptRun, latents: list[int]) -> go.Figure:
+    fig = go.Figure()
+    for i, f in enumerate(latents):
+        one = latent_tokens_figure(ex.latent_acts(run, f), run.tokens, ex.layers, f)
+        trace = one.data[0]
+        trace.visible = i == 0
+        fig.add_trace(trace)
+    fig.update_layout(**_heat_layout("The prompt's strongest latents at every layer and token", height=360),
+                      updatemenus=[_dropdown([f"latent {f}" for f in latents])])
+    P = run.n_tokens
+    fig.update_xaxes(title_text="token", tickmode="array", tickvals=list(range(P)) if P <= 48 else None,
+                     ticktext=run.tokens if P <= 48 else None, tickangle=-60)
+    _layer_axis(fig, ex.layers)
+    return fig
+
+
+def _table_traces(lists: dict[str, LogitLists]) -> go.Table:
+    return logits_table_figure(lists, "").data[0]
+
+
+def _recon_dropdown_figure(ex: Explorer, run: PromptRun, position: int) -> go.Figure:
+    clean = ex.logits_clean(run, position)
+    fig = go.Figure()
+    for i, layer in enumerate(ex.layers):
+        trace = _table_traces({"model": clean, f"layer {layer} reconstructed": ex.logits_recon(run, layer, position)})
+        trace.visible = i == 0
+        fig.add_trace(trace)
+    fig.update_layout(title=dict(text=f"Next token after “{run.tokens[position]}”: the model, and with one layer "
+                                      "replaced by its reconstruction", font=dict(size=14)),
+                      height=520, margin=dict(l=10, r=10, t=80, b=10),
+                      updatemenus=[_dropdown([f"layer {layer}" for layer in ex.layers])])
+    return fig
+
+
+def _steer_dropdown_figure(ex: Explorer, run: PromptRun, layer: int, latent: int, position: int,
+                           factor: float) -> go.Figure:
+    factors = [-2 * factor, -factor, factor, 2 * factor]
+    factors = [max(-10.0, min(10.0, f)) for f in factors]
+    clean = ex.logits_clean(run, position)
+    fig = go.Figure()
+    for i, f in enumerate(factors):
+        trace = _table_traces({"model": clean, f"steered ×{f:g}": ex.logits_steered(run, layer, latent, f, position)})
+        trace.visible = i == 0
+        fig.add_trace(trace)
+    fig.update_layout(title=dict(text=f"Next token after “{run.tokens[position]}”, steering latent {latent} at layer "
+                                      f"{layer}", font=dict(size=14)),
+                      height=520, margin=dict(l=10, r=10, t=80, b=10),
+                      updatemenus=[_dropdown([f"factor {f:+g}" for f in factors])])
+    return fig
+
+
+def views_html(views: Sequence[View], *, include_plotlyjs: bool | str = True) -> str:
+    """One HTML fragment of all views; plotly.js is inlined once so the page works offline."""
+    parts = []
+    for i, view in enumerate(views):
+        div = view.figure.to_html(full_html=False, include_plotlyjs=include_plotlyjs if i == 0 else False,
+                                  config={"displaylogo": False, "responsive": True})
+        parts.append(f"<section><h4>{html.escape(view.title)}</h4>{div}</section>")
+    return "\n".join(parts)
+
+
+def show_views(views: Sequence[View]) -> None:
+    """Display the views in a notebook (what the book's explorer chapter calls)."""
+    from IPython.display import HTML, display
+
+    display(HTML(views_html(views)))
