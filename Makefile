@@ -1,5 +1,7 @@
-# mlsae: `make all` reproduces the default run from nothing; `make test` runs the test suite.
+# mlsae: `make all` reproduces the paper book from nothing; `make test` runs the test suite.
 # Both set up .venv themselves (pinned by constraints.txt, so set-up takes about a minute).
+# `make all PROFILE=smoke` runs the whole pipeline on a tiny model in a minute or two;
+# PROFILE=paper is the paper's setup (Pythia-70m-deduped + the Pile; needs the hub and a GPU).
 
 PROFILE ?= default
 VENV    ?= .venv
@@ -7,18 +9,29 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 RUN     := runs/$(PROFILE)
 OUT     := out/$(PROFILE)
-TRAIN_ARGS ?=
+PROFILE_FILE := profiles/$(PROFILE).yaml
+NB_OUT  := $(OUT)/notebooks
+BOOK    := $(OUT)/book/_build/html/index.html
+# The book's notebooks, in book order (mlsae/book/build.py NOTEBOOKS).
+NOTEBOOKS := train evaluation residual_geometry layer_distributions examples prompt_heatmaps \
+             decoder_geometry baselines performance
+EXECUTED  := $(NOTEBOOKS:%=$(NB_OUT)/%.ipynb)
+# What the notebooks' results depend on: the package (the explorer app aside) and the profile.
+PKG_SRC := $(filter-out mlsae/explorer%,$(shell find mlsae -name '*.py' -not -path '*/__pycache__/*'))
 
-.PHONY: all setup test fetch train eval clean help
+.PHONY: all setup test fetch train eval notebooks book clean help
 
 help:
-	@echo "make all     fetch the embedded default model and corpus, train and evaluate the MLSAE"
-	@echo "make test    run the test suite"
+	@echo "make all      set up, fetch, run every notebook under PROFILE ($(PROFILE)) and build the book"
+	@echo "make book     build the HTML book (running the notebooks that are out of date)"
+	@echo "make test     run the test suite"
+	@echo "make bench    side-by-side training-step benchmark vs sparsify and SAELens (own venv; BENCH_ARGS=--quick)"
+	@echo "PROFILE=default|smoke|paper (profiles/*.yaml)"
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,book]'
 	touch $@
 
 setup: $(STAMP)
@@ -26,24 +39,66 @@ setup: $(STAMP)
 test: setup
 	$(PY) -m pytest
 
-fetch: setup
-	$(PY) -m mlsae.fetch
+# What the profile needs: the embedded model and corpus, a tiny random model, or nothing (hub).
+$(OUT)/.fetched: $(STAMP) $(PROFILE_FILE)
+	$(PY) -m mlsae.book fetch --profile $(PROFILE)
+	@mkdir -p $(OUT) && touch $@
 
-# Training resumes from its last checkpoint if it was interrupted.
-$(RUN)/.done: $(STAMP) | fetch
-	$(PY) -m mlsae.train --out_dir $(RUN) $(if $(wildcard $(RUN)/checkpoint),--resume) $(TRAIN_ARGS)
-	touch $@
+fetch: $(OUT)/.fetched
 
-train: $(RUN)/.done
+# Each notebook executed by papermill under the profile. Inside, training, evaluation and the
+# analysis passes are skipped when their outputs were made with the same options (training
+# resumes from its last checkpoint if it was interrupted).
+$(NB_OUT)/%.ipynb: notebooks/%.ipynb $(PROFILE_FILE) $(PKG_SRC) $(OUT)/.fetched
+	$(PY) -m mlsae.book run $* --profile $(PROFILE)
 
-$(OUT)/.done: $(RUN)/.done
-	for dir in $(RUN)/mlsae-*/; do $(PY) -m mlsae.test --repo_id $$dir --out_dir $(OUT) || exit 1; done
-	touch $@
+# What each notebook reads from the notebooks before it.
+$(NB_OUT)/evaluation.ipynb $(NB_OUT)/layer_distributions.ipynb $(NB_OUT)/prompt_heatmaps.ipynb \
+	$(NB_OUT)/decoder_geometry.ipynb: $(NB_OUT)/train.ipynb
+$(NB_OUT)/layer_distributions.ipynb: $(NB_OUT)/residual_geometry.ipynb
+$(NB_OUT)/examples.ipynb $(NB_OUT)/decoder_geometry.ipynb $(NB_OUT)/prompt_heatmaps.ipynb: $(NB_OUT)/layer_distributions.ipynb
+$(NB_OUT)/baselines.ipynb: $(NB_OUT)/evaluation.ipynb
+$(NB_OUT)/performance.ipynb: $(NB_OUT)/evaluation.ipynb $(NB_OUT)/layer_distributions.ipynb $(wildcard out/bench.json)
 
-eval: $(OUT)/.done
+train: $(NB_OUT)/train.ipynb
+eval: $(NB_OUT)/evaluation.ipynb
+notebooks: $(EXECUTED)
 
-all: eval
-	@echo "results: $(OUT)"
+$(BOOK): $(EXECUTED) _config.yml _toc.yml $(wildcard book/*.md) $(PKG_SRC)
+	$(PY) -m mlsae.book build --profile $(PROFILE)
+
+book: $(BOOK)
+
+all: book
+	@echo "book: $(abspath $(BOOK))"
 
 clean:
 	rm -rf runs out
+
+# The prompt explorer as a local web app (Voila, bound to 127.0.0.1). MODEL=<MLSAE folder or hub id>
+# picks another MLSAE than the one `make all` trained; EXPLORE_PORT picks the port.
+EXPLORE_PORT ?= 8866
+.PHONY: explore
+explore: setup
+	@echo "explorer: http://127.0.0.1:$(EXPLORE_PORT)/  (Ctrl-C stops it)"
+	MLSAE_EXPLORER_SAE="$(MODEL)" MLSAE_CACHE="$${MLSAE_CACHE:-$(CURDIR)/cache}" $(VENV)/bin/voila notebooks/explorer.ipynb \
+		--no-browser --Voila.ip=127.0.0.1 --port=$(EXPLORE_PORT)
+
+# The side-by-side training-step benchmark (benchmarks/README.md) in its own venv, with the
+# competitors (eai-sparsify, sae-lens) pinned by benchmarks/constraints.txt; `make test` never
+# installs them. Writes out/bench.json (read by the performance notebook). BENCH_ARGS=--quick
+# for a one-minute run; the default also runs the end-to-end sweep on the default model.
+BENCH_VENV  := .venv-bench
+BENCH_PY    := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_ARGS  ?= --sweep
+.PHONY: bench
+$(BENCH_STAMP): pyproject.toml constraints.txt benchmarks/constraints.txt
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q -c constraints.txt -c benchmarks/constraints.txt -e . eai-sparsify sae-lens
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(if $(findstring --sweep,$(BENCH_ARGS)),$(BENCH_PY) -m mlsae.fetch)
+	$(BENCH_PY) benchmarks/bench.py --json out/bench.json $(BENCH_ARGS)

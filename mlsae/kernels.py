@@ -3,20 +3,40 @@
 The encoder's forward needs one dense product (the pre-activations); everything after
 the TopK touches only the k (plus AuxK) selected latents of each vector:
 
+- encode:   pre = (x - b) @ W_enc.T, one chunk of vectors at a time into a reused buffer
+            that stays in cache for the TopK; the full [N, F] product never exists.
 - decode:   out[i] = sum_j values[i, j] * W_dec[indices[i, j]]           (embedding_bag)
-- backward: grad_x[i] = sum_j g[i, j] * W_enc[indices[i, j]]            (embedding_bag)
-            grad_W_enc[f] = sum over (i, j) with indices[i, j] == f of g[i, j] * x[i]   (index_add)
+- backward: grad_W[f] = sum over (i, j) with indices[i, j] == f of g[i, j] * x[i]   (scatter)
+            grad_x[i] = sum_j g[i, j] * W_enc[indices[i, j]]            (embedding_bag)
+            grad_b    = -sum_f (sum of g at f) * W_enc[f]              (no per-vector pass)
 
-Each function is checked against naive dense autograd in tests/test_kernels.py.
+TopK, the scatters and the decode's value gradient run in mlsae.native's C loops when that
+compiles (fp32/bf16 on CPU), otherwise in PyTorch ops; both paths are checked against naive
+dense autograd in tests/test_kernels.py.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mlsae import native
+
+# Bytes of pre-activations per chunk of vectors on the row-chunk path: W_enc is read once per
+# chunk, so chunks must be large for large F; the buffer is reused across steps.
+CHUNK_BYTES = int(os.environ.get("MLSAE_CHUNK_BYTES", 64 << 20))
+# The tiled path (native TopK, no AuxK, more than 2 blocks of latents; measured: for fewer, one
+# product per chunk of vectors is as fast): latents per block and bytes per tile (cache-sized).
+LATENT_BLOCK = int(os.environ.get("MLSAE_LATENT_BLOCK", 2048))
+TILE_BYTES = int(os.environ.get("MLSAE_TILE_BYTES", 4 << 20))
+SPAN_ROWS = 16384  # vectors per pass over W_enc on the tiled path
+# fp32 without autocast: rank latents with a bf16 product, then rescore in fp32 (exact; see
+# _encode_mixed), where the CPU multiplies bf16 natively. MLSAE_MIXED_SELECT=0 turns it off.
+MIXED_SELECT = os.environ.get("MLSAE_MIXED_SELECT", "1") != "0"
 
 
 class TopK(NamedTuple):
@@ -34,85 +54,279 @@ def gemm_dtype(x: Tensor) -> torch.dtype:
 
 
 def pre_activations(x: Tensor, W_enc: Tensor) -> Tensor:
-    """Dense encoder product ``x @ W_enc.T`` in the autocast dtype (no autograd)."""
+    """Dense encoder product ``x @ W_enc.T`` in the autocast dtype (no autograd; analysis only)."""
     dtype = gemm_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return x.to(dtype) @ W_enc.to(dtype).T
 
 
-def _scatter_weight_grad(grad: Tensor, indices: Tensor, x: Tensor, n_latents: int) -> Tensor:
-    """``sum_{(i,j): indices[i,j]==f} grad[i,j] * x[i]`` for every latent f, as a dense [F, d] tensor.
+# ----------------------------------------------------------------------------- building blocks
 
-    Built as a sparse [F, N] matrix times x, which never materialises the [N*k, d] outer products.
+
+def _native(*tensors: Tensor) -> bool:
+    """Whether the C kernels take these tensors (CPU, contiguous, fp32 or bf16)."""
+    ok = all(t.dtype in (torch.float32, torch.bfloat16, torch.int64) for t in tensors)
+    return ok and native.usable(*tensors)
+
+
+def _topk_relu(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """ReLU of the k largest values of each row of ``pre`` and their columns (int64), unordered.
+
+    Values are fp32 (fp64 for fp64 input).
     """
+    if _native(pre):
+        out = native.topk_rows(pre, k)
+        if out is not None:
+            return out
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return values.to(torch.promote_types(values.dtype, torch.float32)).relu_(), indices
+
+
+def _chunk_rows(n_latents: int, itemsize: int) -> int:
+    return max(16, CHUNK_BYTES // (n_latents * itemsize))
+
+
+_buffers: dict[tuple, Tensor] = {}
+
+
+def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A scratch tensor reused across calls (fresh large allocations cost page faults on every step)."""
+    key = (name, dtype, device)
+    buf = _buffers.get(key)
+    size = int(torch.Size(shape).numel())
+    if buf is None or buf.numel() < size:
+        buf = _buffers[key] = torch.empty(size, dtype=dtype, device=device)
+    return buf[:size].view(shape)
+
+
+def scatter_rows(weights: Tensor, indices: Tensor, x: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
+    """``sum_{(i,j): indices[i,j]==f} weights[i,j] * x[i]`` as a dense [F, d], and ``sum weights`` per f [F].
+
+    Never materialises the [N*k, d] outer products.
+    """
+    weights = weights.to(x.dtype).contiguous()
+    if x.dtype == torch.float32 and _native(weights, indices, x):
+        out, wsum = native.scatter_rows(weights, indices, x, n_latents, with_sum=True)
+        return out, wsum
     n, k = indices.shape
     rows = torch.arange(n, device=x.device).repeat_interleave(k)
+    flat = indices.reshape(-1)
     sparse = torch.sparse_coo_tensor(
-        torch.stack([indices.reshape(-1), rows]), grad.reshape(-1).to(x.dtype), (n_latents, n),
-        check_invariants=False,
+        torch.stack([flat, rows]), weights.reshape(-1), (n_latents, n), check_invariants=False
     )
-    return torch.sparse.mm(sparse, x)
+    wsum = torch.zeros(n_latents, dtype=x.dtype, device=x.device).index_add_(0, flat, weights.reshape(-1))
+    return torch.sparse.mm(sparse, x), wsum
+
+
+def _check_indices(indices: Tensor, n_latents: int) -> None:
+    """The C kernels trust their indices; out-of-range ones must fail here, as PyTorch's ops would."""
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_latents):
+        raise IndexError(f"latent indices out of range [0, {n_latents})")
+
+
+# ----------------------------------------------------------------------------- encode
 
 
 class _TopKEncode(torch.autograd.Function):
-    """TopK on pre-activations then ReLU, with an optional second TopK over a subset (AuxK).
+    """TopK over ``(x - b) @ W_enc.T`` then ReLU, with an optional second TopK over a subset (AuxK).
 
-    Both selections share one dense product; the backward is sparse in both.
+    Both selections share one dense product, computed chunk by chunk; the backward is sparse in both.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, k: int, auxk: int, aux_mask: Tensor | None):
-        pre = pre_activations(x, W_enc)
-        values, indices = pre.topk(k, dim=-1, sorted=False)
-        outputs = [values.to(x.dtype).relu_(), indices]
-        if aux_mask is not None:
-            pre.masked_fill_(~aux_mask, float("-inf"))
-            aux_values, aux_indices = pre.topk(min(auxk, pre.shape[-1]), dim=-1, sorted=False)
-            # -inf (fewer eligible latents than auxk) becomes 0 after the ReLU and gets no gradient.
-            outputs += [aux_values.to(x.dtype).relu_(), aux_indices]
-        del pre
-        ctx.save_for_backward(x, W_enc, *outputs)
+    def forward(ctx, x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, auxk: int, aux_mask: Tensor | None):
+        outputs = _encode_chunks(x, W_enc, b, k, auxk, aux_mask)
+        ctx.save_for_backward(x, W_enc, b, *outputs)
         ctx.mark_non_differentiable(*outputs[1::2])
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, grad_values, _grad_indices, grad_aux=None, _grad_aux_indices=None):
-        x, W_enc, values, indices, *aux = ctx.saved_tensors
+        x, W_enc, b, values, indices, *aux = ctx.saved_tensors
         grad = grad_values * (values > 0)
         if aux and grad_aux is not None:
             grad = torch.cat([grad, grad_aux * (aux[0] > 0)], dim=-1)
             indices = torch.cat([indices, aux[1]], dim=-1)
-        grad_x = grad_W = None
+        grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad.to(W_enc.dtype), mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_W = _scatter_weight_grad(grad, indices, x, W_enc.shape[0])
-        return grad_x.to(x.dtype) if grad_x is not None else None, grad_W, None, None, None
+            grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad.to(W_enc.dtype), mode="sum").to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_W, per_latent = scatter_rows(grad, indices, x, W_enc.shape[0])
+            if b is not None:
+                grad_W.addr_(per_latent.to(grad_W.dtype), b.to(grad_W.dtype), alpha=-1)  # x - b, not x
+                grad_b = -(per_latent.to(W_enc.dtype) @ W_enc) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_W, grad_b, None, None, None
+
+
+@torch.no_grad()
+def _encode_chunks(x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, auxk: int, aux_mask: Tensor | None) -> list[Tensor]:
+    """[values, indices] (+ [aux_values, aux_indices]) of every vector, without an [N, F] product."""
+    dtype = gemm_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        W = W_enc.detach() if W_enc.dtype == dtype else _buffer("W", W_enc.shape, dtype, x.device).copy_(W_enc)
+        if aux_mask is None and x.dtype == torch.float32 and _native(W):
+            if dtype == torch.float32 and MIXED_SELECT and native.fast_bf16() and W.shape[0] >= 8 * k:
+                return _encode_mixed(x, W, b, k)
+            if W.shape[0] > 2 * LATENT_BLOCK:
+                out = _encode_tiles(x, W, b, k)
+                if out is not None:
+                    return out
+        return _encode_rows(x, W, b, k, auxk, aux_mask)
+
+
+def _encode_mixed(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor]:
+    """The fp32 TopK from a bf16 product (~4x faster where the CPU multiplies bf16 natively).
+
+    The bf16 product ranks each vector's latents; its 3k best are rescored in fp32, and an error
+    bound (inputs rounded to bf16: 2^-7 |u| |W_f| at most; outputs: 2^-7 of their size) proves
+    that no other latent can be in the fp32 TopK. Rows it cannot prove (near-ties across 3k
+    latents) are computed in fp32. Same latents and values as the fp32 product, up to fp32 rounding.
+    """
+    n, d = x.shape
+    n_latents = W.shape[0]
+    n_cand = min(n_latents, 3 * k)
+    W16 = _buffer("W_mixed", W.shape, torch.bfloat16, x.device).copy_(W)
+    w_max = float(torch.linalg.vector_norm(W, dim=1).max())
+    slack = 2**-7 + 2**-15 + 2 * d * 2**-24  # inputs' rounding, then fp32 sums (ours and the product's)
+    n_blocks = -(-n_latents // LATENT_BLOCK) if n_latents > 2 * LATENT_BLOCK else 1
+    block = max(-(-n_latents // n_blocks), n_cand)
+    rows = max(16, TILE_BYTES // (block * 2))
+    buf = _buffer("tile", (min(rows, n) * block,), torch.bfloat16, x.device)
+    values = torch.empty(n, k, dtype=torch.float32, device=x.device)
+    indices = torch.empty(n, k, dtype=torch.long, device=x.device)
+    for s0 in range(0, n, SPAN_ROWS):
+        s1 = min(s0 + SPAN_ROWS, n)
+        u = _shifted(x[s0:s1], b, torch.float32)
+        u16 = _buffer("u_gemm", u.shape, torch.bfloat16, x.device).copy_(u)
+        state = native.TopKState(s1 - s0, n_cand)
+        failed = 0
+        for c0 in range(0, n_latents, block):
+            W_block = W16[c0 : c0 + block]
+            for r0 in range(0, s1 - s0, rows):
+                r1 = min(r0 + rows, s1 - s0)
+                tile = torch.mm(u16[r0:r1], W_block.T, out=buf[: (r1 - r0) * len(W_block)].view(r1 - r0, -1))
+                failed += state.add(tile, c0, slice(r0, r1))
+        error = torch.linalg.vector_norm(u, dim=1).mul_(slack * w_max)
+        if failed:  # NaN somewhere: no bound holds, every row of the span in fp32
+            error.fill_(float("nan"))
+        cand_values, cand_indices = state.finish(relu=False)
+        v, i, unsettled = native.rescore(cand_values, cand_indices, k, n_latents, error, u, W)
+        if unsettled.any():
+            rows_left = unsettled.nonzero().flatten()
+            v[rows_left], i[rows_left] = _topk_relu(u[rows_left] @ W.T, k)
+        values[s0:s1], indices[s0:s1] = v, i
+    return [values, indices]
+
+
+def _encode_tiles(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor] | None:
+    """TopK of every vector from tiles of the product (a block of latents by a chunk of vectors).
+
+    Within a span of vectors, latent blocks go outside, so each block of W_enc is read once while
+    ``x - b`` (small) stays in cache; each tile is folded into a running TopK per vector by the C
+    kernel while it is still in cache. None on NaN.
+    """
+    n, n_latents = x.shape[0], W.shape[0]
+    n_blocks = -(-n_latents // LATENT_BLOCK)
+    block = max(-(-n_latents // n_blocks), min(k, n_latents))
+    rows = max(16, TILE_BYTES // (block * W.element_size()))
+    buf = _buffer("tile", (min(rows, n) * block,), W.dtype, x.device)
+    state = native.TopKState(n, k)
+    failed = 0
+    for s0 in range(0, n, SPAN_ROWS):  # bounds the (x - b) copies for long batches (all layers)
+        s1 = min(s0 + SPAN_ROWS, n)
+        u = _shifted(x[s0:s1], b, W.dtype)
+        for c0 in range(0, n_latents, block):
+            W_block = W[c0 : c0 + block]
+            for r0 in range(0, s1 - s0, rows):
+                r1 = min(r0 + rows, s1 - s0)
+                tile = torch.mm(u[r0:r1], W_block.T, out=buf[: (r1 - r0) * len(W_block)].view(r1 - r0, -1))
+                failed += state.add(tile, c0, slice(s0 + r0, s0 + r1))
+    return None if failed else list(state.finish())
+
+
+def _encode_rows(x: Tensor, W: Tensor, b: Tensor | None, k: int, auxk: int, aux_mask: Tensor | None) -> list[Tensor]:
+    """[values, indices] (+ AuxK's) from chunks of vectors by all latents (the PyTorch path, and AuxK)."""
+    dtype = W.dtype
+    n, n_latents = x.shape[0], W.shape[0]
+    values = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(n, k, dtype=torch.long, device=x.device)
+    dead = aux_mask.nonzero().flatten() if aux_mask is not None else None
+    k_aux = min(auxk, len(dead)) if dead is not None else 0
+    if k_aux:
+        aux_values = torch.empty(n, k_aux, dtype=x.dtype, device=x.device)
+        aux_indices = torch.empty(n, k_aux, dtype=torch.long, device=x.device)
+    step = _chunk_rows(n_latents, torch.finfo(dtype).bits // 8)
+    buf = _buffer("pre", (min(step, n), n_latents), dtype, x.device)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        pre = torch.mm(_shifted(x[rows], b, dtype), W.T, out=buf[: rows.stop - start])
+        values[rows], indices[rows] = _topk_relu(pre, k)
+        if k_aux:
+            aux_values[rows], local = _topk_relu(pre.index_select(1, dead), k_aux)
+            aux_indices[rows] = dead[local]
+    if not k_aux:
+        return [values, indices]
+    return [values, indices, aux_values, aux_indices]
+
+
+def _shifted(x: Tensor, b: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``(x - b)`` in ``dtype``, written into reused buffers."""
+    if b is None:
+        return x.to(dtype)
+    u = torch.sub(x, b, out=_buffer("u", x.shape, x.dtype, x.device))
+    return u if dtype == x.dtype else _buffer("u_gemm", x.shape, dtype, x.device).copy_(u)
 
 
 def topk_encode(
-    x: Tensor, W_enc: Tensor, k: int, auxk: int = 0, aux_mask: Tensor | None = None
+    x: Tensor, W_enc: Tensor, k: int, auxk: int = 0, aux_mask: Tensor | None = None, b: Tensor | None = None
 ) -> tuple[TopK, TopK | None]:
-    """Encode ``x [N, d]`` with ``W_enc [F, d]``: TopK over all latents, and TopK over ``aux_mask`` latents.
+    """Encode ``x - b`` (``x [N, d]``, ``b [d]`` or None) with ``W_enc [F, d]``: TopK over all latents,
+    and TopK over the ``aux_mask`` latents.
 
-    ``aux_mask`` ([F] bool, e.g. the dead latents) switches on the auxiliary selection.
+    ``aux_mask`` ([F] bool, e.g. the dead latents) switches on the auxiliary selection, which has
+    ``min(auxk, number of masked latents)`` entries per vector (None when the mask is empty).
     """
-    if aux_mask is None or auxk <= 0:
-        values, indices = _TopKEncode.apply(x, W_enc, k, 0, None)
-        return TopK(values, indices), None
-    values, indices, aux_values, aux_indices = _TopKEncode.apply(x, W_enc, k, auxk, aux_mask)
-    return TopK(values, indices), TopK(aux_values, aux_indices)
+    use_aux = aux_mask is not None and auxk > 0 and bool(aux_mask.any())
+    out = _TopKEncode.apply(x.contiguous(), W_enc, b, k, auxk, aux_mask if use_aux else None)
+    if len(out) == 2:
+        return TopK(*out), None
+    return TopK(out[0], out[1]), TopK(out[2], out[3])
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+class _SparseDecode(torch.autograd.Function):
+    """embedding_bag forward; backward in one C pass over the output gradient (no sort, no [N*k, d] temporaries)."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(values, indices, W_dec)
+        with torch.autocast(W_dec.device.type, enabled=False):
+            return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        values, indices, W_dec = ctx.saved_tensors
+        grad_out = grad_out.contiguous().float()
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[2]:
+            grad_W, grad_values = native.decode_backward(values, indices, grad_out, W_dec)
+            return grad_values, None, grad_W
+        grad_values = native.gather_dot(indices, W_dec, grad_out) if ctx.needs_input_grad[0] else None
+        grad_W = scatter_rows(values, indices, grad_out, W_dec.shape[0])[0] if ctx.needs_input_grad[2] else None
+        return grad_values, None, grad_W
 
 
 def sparse_decode(topk: TopK, W_dec: Tensor) -> Tensor:
     """``sum_j values[i, j] * W_dec[indices[i, j]]`` for each vector i: [N, k] -> [N, d], without a dense [N, F]."""
     shape = topk.indices.shape
-    out = F.embedding_bag(
-        topk.indices.reshape(-1, shape[-1]),
-        W_dec,
-        per_sample_weights=topk.values.reshape(-1, shape[-1]).to(W_dec.dtype),
-        mode="sum",
-    )
+    indices = topk.indices.reshape(-1, shape[-1]).contiguous()
+    values = topk.values.reshape(-1, shape[-1]).to(W_dec.dtype).contiguous()
+    if W_dec.dtype == torch.float32 and _native(values, indices, W_dec):
+        _check_indices(indices, W_dec.shape[0])
+        out = _SparseDecode.apply(values, indices, W_dec)
+    else:
+        out = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
     return out.reshape(*shape[:-1], W_dec.shape[-1])
 
 

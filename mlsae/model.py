@@ -19,6 +19,7 @@ from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from mlsae import native
 from mlsae.kernels import TopK, sparse_decode, topk_encode
 from mlsae.utils import MLSAEError
 
@@ -104,10 +105,7 @@ class MLSAE(
     def standardize(self, x: Tensor) -> Standardized:
         if not self.config.standardize:
             return Standardized(x, 0.0, 1.0)
-        mean = x.mean(-1, keepdim=True)
-        x = x - mean
-        scale = x.std(-1, keepdim=True) + STD_EPS
-        return Standardized(x / scale, mean, scale)
+        return _standardize(x)[0]
 
     def encode(self, x: Tensor) -> TopK:
         """Latents of raw input vectors ``[..., d]``: TopK values (after ReLU) and indices ``[..., k]``."""
@@ -139,27 +137,29 @@ class MLSAE(
         """
         cfg = self.config
         L, N, d = x.shape
-        x = x.float()
-        s = self.standardize(x)
+        x = x.float().reshape(L * N, d)
+        if cfg.standardize:
+            s, sq_norm = _standardize(x)
+            scale, variance = s.scale, _layer_variance(s.mean, sq_norm, L, d)
+        else:
+            s, scale = Standardized(x, 0.0, 1.0), torch.ones(L * N, 1, device=x.device)
+            variance = torch.stack([part.var(unbiased=False) for part in x.view(L, -1)])
         dead = self.dead_mask() if cfg.auxk else None
         use_aux = dead is not None and bool(dead.any())
-        topk, aux = topk_encode(
-            (s.x - self.b_pre).reshape(-1, d), self.W_enc, cfg.k, cfg.auxk or 0, dead if use_aux else None
-        )
-        recon = (sparse_decode(topk, self.W_dec) + self.b_pre).reshape(L, N, d) * s.scale + s.mean
-        mse = (recon - x).pow(2).mean(dim=(1, 2))
-        fvu = mse / x.var(dim=(1, 2), unbiased=False).clamp_min(1e-12)
+        topk, aux = topk_encode(s.x, self.W_enc, cfg.k, cfg.auxk or 0, dead if use_aux else None, b=self.b_pre)
+        mse, error = _ScaledError.apply(sparse_decode(topk, self.W_dec), self.b_pre, s.x, scale, L)
+        fvu = mse / variance.clamp_min(1e-12)
         loss = fvu.mean()
         auxk_loss = torch.zeros((), device=x.device)
-        if use_aux:
-            residual = (x - recon).detach().reshape(-1, d)
-            scale = s.scale.reshape(-1, 1) if cfg.standardize else 1.0
+        if aux is not None:
+            residual = error.neg()  # x - recon, detached
             aux_recon = sparse_decode(aux, self.W_dec) * scale
             denom = (residual - residual.mean(0)).pow(2).mean().clamp_min(1e-12)
             auxk_loss = torch.nan_to_num((aux_recon - residual).pow(2).mean() / denom)
             loss = loss + cfg.auxk_coef * auxk_loss
+        recon = (x + error).reshape(L, N, d)  # = (decoded + b_pre) * scale + mean
         topk = TopK(*(t.reshape(L, N, -1) for t in topk))
-        return Loss(loss, fvu.detach(), auxk_loss, topk, recon.detach())
+        return Loss(loss, fvu.detach(), auxk_loss, topk, recon)
 
     # ----- initialisation and constraints -----
 
@@ -177,8 +177,12 @@ class MLSAE(
     def project_decoder_grad(self) -> None:
         """Remove the gradient component parallel to each (unit) decoder row, so steps rotate it."""
         g, w = self.W_dec.grad, self.W_dec
-        if g is not None:
-            g.sub_((g * w).sum(-1, keepdim=True) * w)
+        if g is None:
+            return
+        if g.dtype == w.dtype == torch.float32 and native.usable(g, w):
+            native.project_rows(g, w)
+        else:
+            g.addcmul_(w, torch.linalg.vecdot(g, w).unsqueeze(-1), value=-1)
 
     # ----- dead latents, counted in tokens -----
 
@@ -290,6 +294,70 @@ def repo_id(model_name: str, expansion_factor: int, k: int, *, tfm: bool = False
     """Hub repo id in the reference's naming: ``[owner/]mlsae-{model}-x{ef}-k{k}[-tfm]``."""
     name = f"mlsae-{model_name.rstrip('/').split('/')[-1]}-x{expansion_factor}-k{k}" + ("-tfm" if tfm else "")
     return f"{owner}/{name}" if owner else name
+
+
+class _ScaledError(torch.autograd.Function):
+    """Per-layer MSE in the raw space, ``mean(((decoded + b - z) * scale)^2)``, from standardized tensors.
+
+    Returns the MSE [L] and the raw-space error ``recon - x`` [M, d] (detached, for the
+    reconstruction and AuxK); two [M, d] passes forward and two backward, where autograd
+    through the de-standardization would make about ten.
+    """
+
+    @staticmethod
+    def forward(ctx, decoded: Tensor, b: Tensor, z: Tensor, scale: Tensor, n_layers: int):
+        ctx.native = _all_native(decoded, b, z, scale)
+        if ctx.native:
+            error, per_row = native.scaled_error(decoded, b.detach(), z, scale)
+            mse = per_row.view(n_layers, -1).sum(1) / (error.numel() // n_layers)
+        else:
+            error = torch.add(decoded, b).sub_(z).mul_(scale)
+            mse = torch.linalg.vector_norm(error.view(n_layers, -1), dim=1).square_() / (error.numel() // n_layers)
+        ctx.save_for_backward(error, scale)
+        ctx.mark_non_differentiable(error)
+        ctx.n_layers = n_layers
+        return mse, error
+
+    @staticmethod
+    def backward(ctx, grad_mse: Tensor, _grad_error: Tensor):
+        error, scale = ctx.saved_tensors
+        per_layer = grad_mse * (2 / (error.numel() // ctx.n_layers))
+        row_weight = (scale.view(ctx.n_layers, -1) * per_layer[:, None]).reshape(-1)
+        if ctx.native:
+            grad, grad_b = native.scaled_error_backward(error, row_weight.float().contiguous())
+        else:
+            grad = error * row_weight[:, None]
+            grad_b = grad.sum(0)
+        return grad, grad_b if ctx.needs_input_grad[1] else None, None, None, None
+
+
+def _all_native(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 for t in tensors) and native.usable(*tensors)
+
+
+def _standardize(x: Tensor) -> tuple[Standardized, Tensor]:
+    """Per-token standardization of ``x [..., d]``, and each token's squared norm after centering.
+
+    Two-pass std through a norm: PyTorch's var/std kernels run ~10x slower on CPU.
+    """
+    if x.dim() == 2 and x.dtype == torch.float32 and native.usable(x):
+        z, mean, scale, sq_norm = native.standardize(x, STD_EPS)
+        return Standardized(z, mean, scale), sq_norm
+    mean = x.mean(-1, keepdim=True)
+    centered = x - mean
+    sq_norm = torch.linalg.vector_norm(centered, dim=-1, keepdim=True).square_()
+    scale = sq_norm.sqrt().div_(math.sqrt(max(x.shape[-1] - 1, 1))).add_(STD_EPS)
+    return Standardized(centered.div_(scale), mean, scale), sq_norm
+
+
+def _layer_variance(mean: Tensor, sq_norm: Tensor, n_layers: int, n_features: int) -> Tensor:
+    """Variance of each layer's values (biased, over vectors and features) from per-token statistics.
+
+    Law of total variance: mean within-token variance plus the variance of the token means
+    (``mean, sq_norm [L*N, 1]``); no pass over the activations, and no cancellation.
+    """
+    mean, sq_norm = mean.double().view(n_layers, -1), sq_norm.double().view(n_layers, -1)
+    return (sq_norm.mean(1) / n_features + mean.var(1, unbiased=False)).float()
 
 
 @torch.no_grad()

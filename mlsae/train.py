@@ -29,6 +29,7 @@ from simple_parsing import ArgumentParser
 from simple_parsing import field as flag
 from tqdm.auto import tqdm
 
+from mlsae import native
 from mlsae.data import ChunkLoader, load_chunks
 from mlsae.fetch import DEFAULT_MODEL
 from mlsae.model import MLSAE, SAEConfig, repo_id
@@ -193,7 +194,9 @@ def make_runs(cfg: TrainConfig, d_model: int, layers: list[int], device: torch.d
             model_name=cfg.model_name,
         )
         sae = MLSAE(sae_cfg).to(device).train()
-        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10)
+        # fused: one pass over each parameter instead of ~10 (5x faster on CPU); CUDA keeps the
+        # default (foreach), whose step count lives on the CPU as load_optimizer expects.
+        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10, fused=device.type == "cpu")
         name = repo_id(cfg.model_name, ef, k)
         runs.append(Run(name, sae, optimizer, out / name))
     return runs
@@ -369,6 +372,7 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
 
 def train(cfg: TrainConfig) -> list[Path]:
     """Train every MLSAE of the sweep; returns the folders of the trained models."""
+    native.tune_malloc()  # keep freed memory rather than page-fault it back on every step
     device = pick_device(cfg.device)
     rank, world = init_distributed(device)
     if cfg.tokens_per_step % (cfg.batch_size * cfg.max_length * world):

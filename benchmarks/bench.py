@@ -1,0 +1,345 @@
+"""Training-step benchmark: mlsae side by side with EleutherAI sparsify, SAELens and a plain GEMM.
+
+One process, identical random inputs, same d, n_latents, k and batch, rounds interleaved (so
+that the machine's background load hits every contestant alike):
+
+- ``mlsae``: MLSAE.loss + backward + decoder-gradient projection + fused Adam + renormalisation
+  + dead-latent bookkeeping, as mlsae.train runs it;
+- ``sparsify``: EleutherAI sparsify's TopK SparseCoder with its trainer's step (default SignSGD
+  in a ScheduleFree wrapper, decoder projection and renormalisation, fired-latent bookkeeping);
+- ``saelens``: SAELens' TopKTrainingSAE stepped by its own SAETrainer._train_step (Adam, grad clip);
+- ``gemm``: the encoder's one dense product alone, ``x @ W_enc.T`` in the same precision: the
+  roofline of a TopK step (2*B*d*n FLOPs; every other part can be sparse).
+
+bf16 means autocast with fp32 master weights for everyone (sparsify autocasts only on CUDA by
+itself, so on CPU its forward is wrapped like the others). Prints vectors/s, mlsae's ratio to
+each competitor and mlsae's fraction of the roofline; ``--json PATH`` writes the same.
+``--sweep`` also measures end to end on the default model: a 4-config sweep in one pass versus
+the 4 runs one after another, with tokens/s and peak memory of the default run.
+
+    make bench                     # sets up .venv-bench with the competitors, then runs this
+    python benchmarks/bench.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# On a shared CPU, OpenMP workers that spin at every barrier while the OS runs someone else's
+# thread make a step of many small kernels collapse (3x here under a load of 5 on 2 cores); a
+# passive wait costs microseconds on an idle machine. Set before torch loads libgomp; applies to
+# every contestant alike. Export OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(576, 4608, 32), (512, 32768, 32)]  # SmolLM2 x8, Pythia-70m x64
+Step = Callable[[], None]
+
+
+# ----------------------------------------------------------------------------- contestants
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def make_mlsae(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
+    from mlsae.model import MLSAE, SAEConfig
+
+    sae = MLSAE(SAEConfig(n_inputs=x.shape[1], n_latents=n, k=k)).to(x.device).train()
+    fused = x.device.type == "cpu"  # as mlsae.train.make_runs
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, eps=6.25e-10, fused=fused)
+    layers = x.unsqueeze(0)  # [L=1, N, d]: any L*N = batch costs the same
+
+    def step() -> None:
+        with autocast(x.device, bf16):
+            out = sae.loss(layers)
+        out.loss.backward()
+        out.loss.item()  # the trainer logs it
+        fired = sae.fired(out.topk)
+        sae.project_decoder_grad()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.normalize_decoder()
+        sae.update_dead(fired, x.shape[0])
+
+    return step
+
+
+def make_sparsify(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.sign_sgd import SignSGD
+
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(k=k, num_latents=n), x.device, dtype=torch.float32)
+    lr = 5e-3 / (n / 2**14) ** 0.5  # sparsify.trainer's default for its default optimizer ("signum")
+    opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=lr)]), momentum=0.95)
+    opt.train()
+    did_fire = torch.zeros(n, dtype=torch.bool, device=x.device)
+    since_fired = torch.zeros(n, dtype=torch.long, device=x.device)
+
+    def step() -> None:  # sparsify.trainer.Trainer.fit, one hookpoint, loss_fn="fvu", auxk_alpha=0
+        sae.set_decoder_norm_to_unit_norm()
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        with autocast(x.device, bf16):
+            out = sae(x=x, y=x, dead_mask=None, total_variance=total_variance)
+        did_fire[out.latent_indices.flatten()] = True
+        float(out.fvu.detach())
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        since_fired.add_(x.shape[0])
+        since_fired[did_fire] = 0
+        did_fire.zero_()
+
+    return step
+
+
+def make_saelens(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=n, k=k, device=str(x.device)))
+    cfg = SAETrainerConfig(  # lr and lr_end as LanguageModelSAERunnerConfig sets them by default
+        total_training_samples=10**12, train_batch_size_samples=x.shape[0], device=str(x.device), autocast=bf16,
+        lr=3e-4, lr_end=3e-5,
+    )
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
+    return lambda: trainer._train_step(sae, x)
+
+
+def make_gemm(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a = x.to(dtype)
+    W = (torch.randn(n, x.shape[1], device=x.device) / x.shape[1] ** 0.5).to(dtype)
+    return lambda: a @ W.T
+
+
+CONTESTANTS: dict[str, Callable[..., Step]] = {
+    "gemm": make_gemm, "mlsae": make_mlsae, "sparsify": make_sparsify, "saelens": make_saelens,
+}
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """Seconds of one call: CUDA events on a GPU, the wall clock on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Step) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+
+def bench_config(d: int, n: int, k: int, batch: int, bf16: bool, device: torch.device, names: list[str],
+                 warmup: int, rounds: int) -> list[dict]:
+    """Median seconds per step of each contestant, rounds interleaved; one record per contestant."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, d, device=device)
+    steps: dict[str, Step] = {}
+    errors: dict[str, str] = {}
+    for name in names:
+        torch.manual_seed(0)
+        try:
+            steps[name] = CONTESTANTS[name](x, n, k, bf16)
+            for _ in range(warmup):
+                steps[name]()
+        except ImportError as e:
+            errors[name] = f"not installed ({e.name}): run `make bench`"
+            steps.pop(name, None)
+    clock = Clock(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(clock(step))
+    del steps
+    gc.collect()
+    records = []
+    precision = "bf16" if bf16 else "fp32"
+    gemm = statistics.median(times["gemm"]) if "gemm" in times else None
+    ours = statistics.median(times["mlsae"]) if "mlsae" in times else None
+    for name in names:
+        rec = {"d": d, "n_latents": n, "k": k, "batch": batch, "precision": precision, "contestant": name}
+        if name in errors:
+            records.append({**rec, "error": errors[name]})
+            continue
+        t = statistics.median(times[name])
+        rec.update(seconds=t, vectors_per_s=batch / t, seconds_all=times[name])
+        if name == "gemm":
+            rec["gflops"] = 2 * batch * d * n / t / 1e9
+        if name == "mlsae" and gemm:
+            rec["roofline_fraction"] = gemm / t
+        if name not in ("mlsae", "gemm") and ours:
+            rec["mlsae_speedup"] = t / ours
+        records.append(rec)
+    return records
+
+
+# ----------------------------------------------------------------------------- sweep (end to end)
+
+
+def run_train(args: list[str], out: Path) -> dict:
+    """One ``python -m mlsae.train`` in a subprocess: wall seconds, peak RSS and logged tokens/s."""
+    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run([sys.executable, "-m", "mlsae.train", "--out_dir", str(out), *args], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB; max over children so far
+    logs = sorted(out.glob("*/metrics.jsonl"))
+    last = [json.loads(p.read_text().splitlines()[-1]) for p in logs]
+    return {"seconds": seconds, "peak_rss_gb": peak / 2**20 if peak > before else None,
+            "tokens_per_s": [r["tokens_per_s"] for r in last]}
+
+
+def bench_sweep(max_tokens: int) -> dict:
+    """A 4-config sweep (ef 4 8 x k 16 32) in one pass against the 4 runs one after another."""
+    efs, ks = ["4", "8"], ["16", "32"]
+    base = ["--max_tokens", str(max_tokens), "--log_every", "1", "--checkpoint_every", "1000000"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        default = run_train(base, tmp / "default")  # first: the peak RSS below is this run's alone
+        sweep = run_train([*base, "--expansion_factor", *efs, "-k", *ks], tmp / "sweep")
+        singles = [run_train([*base, "--expansion_factor", ef, "-k", k], tmp / f"ef{ef}-k{k}") for ef in efs for k in ks]
+    sequential = sum(r["seconds"] for r in singles)
+    return {
+        "max_tokens": max_tokens,
+        "sweep_seconds": sweep["seconds"],
+        "sequential_seconds": sequential,
+        "sweep_over_sequential": sweep["seconds"] / sequential,
+        "default_run_seconds": default["seconds"],
+        "default_tokens_per_s": default["tokens_per_s"][0] if default["tokens_per_s"] else None,
+        "default_peak_rss_gb": default["peak_rss_gb"],
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine(device: torch.device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": _cpu_name(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    for pkg in ("eai-sparsify", "sae-lens"):
+        try:
+            from importlib.metadata import version
+
+            info[pkg] = version(pkg)
+        except Exception:
+            info[pkg] = None
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_table(records: list[dict]) -> None:
+    print(f"{'shape':>22} {'prec':>5} {'contestant':>9} {'ms/step':>9} {'vectors/s':>10}  note")
+    for r in records:
+        shape = f"d={r['d']} n={r['n_latents']} k={r['k']}"
+        if "error" in r:
+            print(f"{shape:>22} {r['precision']:>5} {r['contestant']:>9} {'-':>9} {'-':>10}  {r['error']}")
+            continue
+        note = ""
+        if "gflops" in r:
+            note = f"{r['gflops']:.0f} GFLOP/s (roofline)"
+        if "roofline_fraction" in r:
+            note = f"{r['roofline_fraction']:.2f} of roofline"
+        if "mlsae_speedup" in r:
+            note = f"mlsae/{r['contestant']} = {r['mlsae_speedup']:.2f}x"
+        print(f"{shape:>22} {r['precision']:>5} {r['contestant']:>9} {r['seconds'] * 1e3:>9.1f} "
+              f"{r['vectors_per_s']:>10.0f}  {note}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="reduced version (batch 512, 3 rounds): under a minute")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--rounds", type=int, default=None, help="timed steps per contestant (default 7, quick 3)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=None, help="vectors per step (default 4096, quick 512)")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--contestants", nargs="+", default=list(CONTESTANTS), choices=list(CONTESTANTS))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="keep glibc's default allocator settings (mlsae.train tunes them; see mlsae.native)")
+    parser.add_argument("--sweep", action="store_true", help="also the end-to-end sweep on the default model")
+    parser.add_argument("--sweep-tokens", type=int, default=32768, help="training tokens per run of --sweep")
+    parser.add_argument("--sweep-only", action="store_true", help="run --sweep alone, without the step benchmark")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    batch = args.batch or (512 if args.quick else 4096)
+    rounds = args.rounds or (3 if args.quick else 7)
+    warmup = 1 if args.quick else args.warmup
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.no_malloc_tuning:
+        from mlsae import native
+
+        native.tune_malloc()  # process-wide: every contestant gets it, as training with mlsae does
+    info = machine(device)
+    print(f"{info['cpu']} ({info.get('gpu', 'CPU only')}), torch {info['torch']}, {info['threads']} threads, "
+          f"{datetime.date.today()}, load average {info['load_average'][0]:.1f}")
+    records = []
+    for d, n, k in [] if args.sweep_only else SHAPES:
+        for precision in args.precision:
+            recs = bench_config(d, n, k, batch, precision == "bf16", device, args.contestants, warmup, rounds)
+            print_table(recs)
+            records += recs
+    info["load_average_after"] = os.getloadavg()
+    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device.type,
+              "machine": info, "batch": batch, "rounds": rounds, "malloc_tuned": not args.no_malloc_tuning,
+              "results": records}
+    if args.sweep or args.sweep_only:
+        sweep = bench_sweep(args.sweep_tokens)
+        report["sweep"] = sweep
+        print(f"sweep of 4 in one pass: {sweep['sweep_seconds']:.1f} s; 4 runs one after another: "
+              f"{sweep['sequential_seconds']:.1f} s; ratio {sweep['sweep_over_sequential']:.2f} (target <= 0.6)")
+        print(f"default run: {sweep['default_tokens_per_s']} tokens/s, peak RSS {sweep['default_peak_rss_gb']:.2f} GB")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

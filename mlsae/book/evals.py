@@ -1,0 +1,104 @@
+"""Evaluation results (``mlsae.test``'s flat CSV columns) reshaped for the book's tables and plots."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+# metric -> (column prefix in mlsae.test's results, label in the book)
+METRICS = {
+    "fvu": ("train/fvu", "FVU"),
+    "mse": ("train/mse", "MSE"),
+    "l0": ("train/l0", "L0"),
+    "l1": ("train/l1", "L1"),
+    "dead": ("train/dead", "dead"),
+    "delta_ce": ("val/loss/delta", "ΔCE"),
+    "kl": ("val/logit/kldiv", "KL"),
+    "ce_recovered": ("val/loss/recovered", "CE recovered"),
+    "ce_spliced": ("val/loss/spliced", "CE spliced"),
+    "ce_zero": ("val/loss/zero", "CE zero-ablated"),
+}
+
+DEFINITIONS = {
+    "FVU": "fraction of variance unexplained: sum of squared reconstruction errors over the sum of squared "
+           "deviations of the layer's inputs from their mean (one scalar mean per layer)",
+    "MSE": "mean squared reconstruction error per element",
+    "L0": "latents active per vector (activation above the dead threshold; at most k)",
+    "L1": "sum of latent activations per vector",
+    "dead": "fraction of latents that never fired on the evaluation tokens (per layer; overall: at no layer)",
+    "ΔCE": "next-token cross-entropy (nats per token) with the layer's output replaced by its reconstruction, "
+           "minus the clean cross-entropy",
+    "KL": "KL(p_clean || p_spliced) of the next-token distributions, nats per token",
+    "CE recovered": "(CE zero-ablated - CE spliced) / (CE zero-ablated - CE clean): 1 is a perfect "
+                    "reconstruction, 0 no better than replacing the layer's output by zeros",
+}
+
+
+def per_layer(results: dict[str, float], metrics=tuple(METRICS)) -> pd.DataFrame:
+    """``[layer x metric]`` from one SAE's results (layers are transformer layers)."""
+    rows: dict[int, dict[str, float]] = {}
+    for metric in metrics:
+        prefix = METRICS[metric][0]
+        pattern = re.compile(re.escape(prefix) + r"/layer_(\d+)$")
+        for key, value in results.items():
+            m = pattern.match(key)
+            if m:
+                rows.setdefault(int(m.group(1)), {})[metric] = value
+    frame = pd.DataFrame.from_dict(rows, orient="index").sort_index()
+    frame.index.name = "layer"
+    return frame
+
+
+def averages(results: dict[str, float]) -> dict[str, float]:
+    """The ``/avg`` column of every metric (mean over layers), overall dead fraction and clean CE."""
+    out = {m: results[f"{prefix}/avg"] for m, (prefix, _) in METRICS.items() if f"{prefix}/avg" in results}
+    if "train/dead/rel" in results:
+        out["dead_overall"] = results["train/dead/rel"]
+    if "val/loss/clean" in results:
+        out["ce_clean"] = results["val/loss/clean"]
+    return out
+
+
+def column(metric: str, which: str = "avg") -> str:
+    """The results key of ``metric`` averaged (``avg``) or at a layer (an int)."""
+    prefix = METRICS[metric][0]
+    return f"{prefix}/avg" if which == "avg" else f"{prefix}/layer_{which}"
+
+
+def trends(by_run: dict[tuple[int, int], dict[str, float]], metric: str) -> list[dict]:
+    """Does ``metric`` fall as the expansion factor grows at fixed k, and as k grows at fixed
+    expansion factor? One record per (direction, fixed value) with at least two runs: the number
+    of pairs of runs (smaller, larger) and how many of them have a lower metric for the larger."""
+    out = []
+    efs = sorted({ef for ef, _ in by_run})
+    ks = sorted({k for _, k in by_run})
+    for along, fixed_values, key in (("ef", ks, lambda v, x: (x, v)), ("k", efs, lambda v, x: (v, x))):
+        for fixed in fixed_values:
+            xs = [x for x in (efs if along == "ef" else ks) if key(fixed, x) in by_run]
+            pairs = [(a, b) for i, a in enumerate(xs) for b in xs[i + 1:]]
+            if not pairs:
+                continue
+            agree = sum(by_run[key(fixed, b)][metric] < by_run[key(fixed, a)][metric] for a, b in pairs)
+            out.append({"metric": metric, "along": along, "fixed": fixed, "pairs": len(pairs), "agree": agree})
+    return out
+
+
+def trend_lines(R, by_run: dict[tuple[int, int], dict[str, float]], metrics=("fvu", "delta_ce")) -> list[str]:
+    """Markdown bullets stating, per metric and direction, whether the sweep agrees with the paper's
+    trend (lower is better for every metric given), with the counts recorded in ``R``."""
+    lines = []
+    for metric in metrics:
+        label = METRICS[metric][1]
+        for t in trends(by_run, metric):
+            other = "k" if t["along"] == "ef" else "expansion factor"
+            along = "the expansion factor" if t["along"] == "ef" else "k"
+            key = f"trend_{metric}_{t['along']}_{t['fixed']}"
+            verdict = ("agrees with the paper" if t["agree"] == t["pairs"]
+                       else "disagrees with the paper" if t["agree"] == 0 else "partly agrees with the paper")
+            lines.append(f"- {label} falls as {along} grows at {other} {R.param(key + '_fixed', t['fixed'])}: "
+                         f"{R.num(key + '_agree', t['agree'])} of {R.num(key + '_pairs', t['pairs'])} pairs — "
+                         f"**{verdict}**.")
+    if not lines:
+        lines.append("- The sweep has a single MLSAE, so it cannot show how the metrics change with size or k.")
+    return lines

@@ -1,0 +1,54 @@
+"""Plotting helpers for the book: a plotly renderer that works both in Jupyter and in the built book.
+
+Jupyter shows plotly's own mimetype; the book (Jupyter Book 1.x) shows the ``text/html`` part,
+which draws with the ``plotly.min.js`` that the build copies into the book's ``_static`` folder
+once (so pages stay small and need no network).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+PLOTLY_JS = "plotly.min.js"
+
+
+def plotly_js_path() -> Path:
+    import plotly
+
+    return Path(plotly.__file__).parent / "package_data" / PLOTLY_JS
+
+
+def register_renderer() -> None:
+    """Make ``fig.show()`` emit both plotly's mimetype and a script-light HTML fragment."""
+    import plotly.io as pio
+    from plotly.io._base_renderers import MimetypeRenderer
+
+    class BookRenderer(MimetypeRenderer):
+        def to_mimebundle(self, fig_dict):
+            bundle = pio.renderers["plotly_mimetype"].to_mimebundle(fig_dict)
+            height = (fig_dict.get("layout") or {}).get("height") or 450
+            bundle["text/html"] = pio.to_html(
+                fig_dict, include_plotlyjs=False, full_html=False, default_height=f"{height}px",
+                default_width="100%", config={"displaylogo": False, "responsive": True}, validate=False,
+            )
+            return bundle
+
+    pio.renderers["mlsae_book"] = BookRenderer()
+    pio.renderers.default = "mlsae_book"
+
+
+def highlighted_tokens(tokens: Sequence[str], acts: Sequence[float], top: float, *, center: int | None = None,
+                       color: tuple[int, int, int] = (255, 127, 14)) -> str:
+    """Tokens as inline HTML, each shaded by its activation on a 0..``top`` scale; the value is in
+    each token's tooltip (not in the text), the ``center`` token is outlined."""
+    parts = []
+    r, g, b = color
+    for i, (tok, a) in enumerate(zip(tokens, acts)):
+        alpha = 0.0 if top <= 0 else max(0.0, min(1.0, float(a) / top))
+        text = html.escape(tok).replace("\n", "⏎").replace(" ", "&nbsp;") or "&#8203;"
+        border = "outline:1.5px solid #1565c0;" if i == center else ""
+        parts.append(f'<span title="{float(a):.3f}" style="background:rgba({r},{g},{b},{alpha:.2f});{border}'
+                     f'border-radius:2px;padding:0 1px">{text}</span>')
+    return "".join(parts)

@@ -1,0 +1,100 @@
+"""Timings for the book's performance chapter, read from what the other stages wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from mlsae.book.stages import read_metrics
+
+
+def training_rows(folders: list[Path], cfg) -> pd.DataFrame:
+    """Throughput at the end of training: the sweep (its runs share one log rate) and every
+    per-layer baseline found beside it (``<runs>/layer-*``)."""
+    rows = []
+    if folders and (folders[0] / "metrics.jsonl").is_file():
+        last = read_metrics(folders[0]).iloc[-1]
+        rows.append({"run": f"sweep ({len(folders)} MLSAEs)", "tokens": int(last["tokens"]),
+                     "tokens/s": float(last["tokens_per_s"])})
+    for log in sorted(Path(cfg.out_dir).parent.glob("layer-*/*/metrics.jsonl")):
+        last = read_metrics(log.parent).iloc[-1]
+        rows.append({"run": f"per-layer SAE, {log.parent.parent.name}", "tokens": int(last["tokens"]),
+                     "tokens/s": float(last["tokens_per_s"])})
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["minutes"] = frame["tokens"] / frame["tokens/s"] / 60
+        frame = frame.set_index("run")
+    return frame
+
+
+def stage_rows(out: Path) -> pd.DataFrame:
+    """Seconds and tokens of every evaluation (``mlsae.test``) and analysis pass under ``out``."""
+    rows = []
+    for path in sorted((out / "eval").rglob("test_*.json")):
+        data = json.loads(path.read_text())
+        if "seconds" not in data:
+            continue
+        where = path.parent.relative_to(out / "eval").as_posix()
+        name = path.stem.removeprefix("test_") + ("" if where == "." else f" ({where})")
+        rows.append({"stage": f"evaluate {name}", "seconds": data["seconds"], "tokens": data["config"]["max_tokens"]})
+    for path in sorted((out / "analysis").glob("*/run.json")):
+        data = json.loads(path.read_text())
+        info = data.get("pass") or {}
+        if info.get("seconds"):
+            rows.append({"stage": f"analysis pass {path.parent.name}", "seconds": info["seconds"], "tokens": info["tokens"]})
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["tokens/s"] = frame["tokens"] / frame["seconds"]
+        frame = frame.set_index("stage")
+    return frame
+
+
+def notebook_timings(out: Path) -> pd.DataFrame:
+    """Wall seconds of each executed notebook (``<out>/timings.json``): its slowest recorded
+    execution (what producing its results cost; its share of the total) and its last one."""
+    from mlsae.book.build import NOTEBOOKS, read_timings
+
+    timings = read_timings(out)
+    names = [n for n in NOTEBOOKS if n in timings]
+    frame = pd.DataFrame({"seconds": [timings[n]["slowest"] for n in names],
+                          "last run (s)": [timings[n]["last"] for n in names]}, index=names)
+    if not frame.empty:
+        frame.insert(1, "share", frame["seconds"] / frame["seconds"].sum())
+    frame.index.name = "notebook"
+    return frame
+
+
+def flatten(data, prefix: str = "") -> pd.DataFrame:
+    """A benchmark JSON of any shape as a table: a list of records as rows, else ``key: value``
+    rows with nested keys joined by '/'."""
+    if isinstance(data, dict):
+        for key in ("results", "rows", "benchmarks"):
+            if isinstance(data.get(key), list) and all(isinstance(r, dict) for r in data[key]):
+                return pd.json_normalize(data[key], sep="/")
+    if isinstance(data, list) and all(isinstance(r, dict) for r in data):
+        return pd.json_normalize(data, sep="/")
+    flat = pd.json_normalize(data, sep="/") if isinstance(data, dict) else pd.DataFrame({"value": [data]})
+    return flat.T.rename(columns={0: "value"})
+
+
+def bench_results(report: dict) -> pd.DataFrame | None:
+    """The training-step benchmark (``benchmarks/bench.py --json``): one row per shape, precision
+    and contestant with milliseconds per step, vectors per second and the comparison it reports;
+    None if the report has another shape."""
+    rows = report.get("results") if isinstance(report, dict) else None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "contestant" in r for r in rows):
+        return None
+    out = []
+    for r in rows:
+        shape = f"d {r.get('d')}, latents {r.get('n_latents')}, k {r.get('k')}"
+        out.append({"shape": shape, "precision": r.get("precision"), "contestant": r["contestant"],
+                    "ms per step": r["seconds"] * 1e3 if r.get("seconds") is not None else None,
+                    "vectors/s": r.get("vectors_per_s"),
+                    "mlsae speed-up": r.get("mlsae_speedup"), "share of GEMM roofline": r.get("roofline_fraction"),
+                    "error": r.get("error", "")})
+    frame = pd.DataFrame(out).set_index(["shape", "precision", "contestant"])
+    if not frame["error"].astype(bool).any():
+        frame = frame.drop(columns="error")
+    return frame.dropna(axis=1, how="all")

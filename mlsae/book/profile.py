@@ -1,0 +1,166 @@
+"""Profiles: one YAML file per way of running the whole pipeline (``profiles/<name>.yaml``).
+
+A profile holds the parameters of every stage, so that ``make all PROFILE=<name>`` and every
+notebook of the book agree on them:
+
+- ``cfg``: options of ``mlsae.train`` for the sweep (the file doubles as its config:
+  ``python -m mlsae.train --config_path profiles/<name>.yaml``);
+- ``baselines``: per-layer SAEs (the paper's single-layer baselines): ``layers`` and the
+  train options that differ from ``cfg``;
+- ``test``: options of ``mlsae.test`` for every trained SAE;
+- ``analysis``: which MLSAE of the sweep the analyses look at, token budgets and prompts;
+- ``fetch``: what ``make fetch`` prepares (``embedded``, ``tiny`` or ``hub``).
+
+Every notebook's ``parameters`` cell names the profile and may override single values.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlsae.train import TrainConfig
+from mlsae.utils import MLSAEError
+
+try:  # renamed in the evaluation module (pytest collected "Test*" classes)
+    from mlsae.test import EvalConfig
+except ImportError:  # pragma: no cover
+    from mlsae.test import TestConfig as EvalConfig  # type: ignore[no-redef]
+
+SECTIONS = ("cfg", "baselines", "test", "analysis", "fetch", "performance")
+
+
+def repo_root() -> Path:
+    """The project folder (the parent of the ``mlsae`` package)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def profile_path(name: str | Path) -> Path:
+    """``profiles/<name>.yaml`` (looked up in the working folder, then in the project), or a path."""
+    name = str(name)
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise MLSAEError(f"profile file {name!r} not found")
+        return path
+    for base in (Path.cwd(), repo_root()):
+        path = base / "profiles" / f"{name}.yaml"
+        if path.is_file():
+            return path
+    known = sorted(p.stem for p in (repo_root() / "profiles").glob("*.yaml"))
+    raise MLSAEError(f"unknown profile {name!r}; known profiles: {', '.join(known) or 'none'}")
+
+
+def _only_known(cls, values: dict, where: str) -> dict:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise MLSAEError(f"{where}: unknown option(s) {', '.join(unknown)} for {cls.__name__}")
+    return values
+
+
+def _digest(values: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _drop_none(overrides: dict) -> dict:
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+@dataclass
+class Profile:
+    """A loaded profile; ``data`` is the YAML as a dict."""
+
+    name: str
+    path: Path
+    data: dict
+
+    @classmethod
+    def load(cls, name: str | Path) -> Profile:
+        path = profile_path(name)
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict) or "cfg" not in data:
+            raise MLSAEError(f"{path}: a profile needs a top-level 'cfg:' section (the train options)")
+        return cls(data.get("name", path.stem), path, data)
+
+    def section(self, key: str) -> dict:
+        return copy.deepcopy(self.data.get(key) or {})
+
+    @property
+    def description(self) -> str:
+        return " ".join(str(self.data.get("description", "")).split())
+
+    # ----- paths
+
+    def runs_dir(self, override: str | None = None) -> Path:
+        """Where trained SAEs go: ``runs/<profile>`` unless overridden."""
+        return Path(override) if override else Path("runs") / self.name
+
+    def out_dir(self, override: str | None = None) -> Path:
+        """Where evaluations, analyses, results and executed notebooks go: ``out/<profile>``."""
+        return Path(override) if override else Path("out") / self.name
+
+    # ----- stage configurations
+
+    def train_config(self, runs_dir: str | Path | None = None, **overrides: Any) -> TrainConfig:
+        """The sweep's ``TrainConfig``; ``None`` overrides keep the profile's value.
+
+        ``runs_dir`` moves the sweep to ``<runs_dir>/sweep`` (the profile's own ``out_dir``
+        is ``runs/<profile>/sweep``).
+        """
+        values = self.section("cfg")
+        changed = {k: v for k, v in _drop_none(overrides).items() if values.get(k) != v}
+        values.update(changed)
+        # Overridden options train into their own folder, so that an experiment never replaces the
+        # profile's runs (a run whose options changed is retrained in place).
+        sweep = "sweep" if not changed else "sweep-" + _digest(changed)
+        if runs_dir is not None:
+            values["out_dir"] = str(Path(runs_dir) / sweep)
+        elif changed or "out_dir" not in values:
+            values["out_dir"] = str(Path(values.get("out_dir", self.runs_dir() / "sweep")).with_name(sweep))
+        return TrainConfig(**_only_known(TrainConfig, values, f"{self.path} cfg"))
+
+    def baseline_configs(self, runs_dir: str | Path | None = None, **overrides: Any) -> list[TrainConfig]:
+        """One ``TrainConfig`` per baseline layer: a single-layer SAE in ``<runs_dir>/layer-<l>``."""
+        section = self.section("baselines")
+        layers = _drop_none(overrides).pop("layers", None) or section.pop("layers", [])
+        section.pop("layers", None)
+        base = self.section("cfg")
+        base.update(section)
+        changed = {k: v for k, v in _drop_none(overrides).items() if k != "layers" and base.get(k) != v}
+        base.update(changed)
+        suffix = "" if not changed else "-" + _digest(changed)  # experiments never replace the profile's runs
+        root = Path(runs_dir) if runs_dir is not None else self.runs_dir()
+        configs = []
+        for layer in layers:
+            values = {**base, "layers": [int(layer)], "out_dir": str(root / f"layer-{layer}{suffix}")}
+            configs.append(TrainConfig(**_only_known(TrainConfig, values, f"{self.path} baselines")))
+        return configs
+
+    def eval_config(self, repo_id: str | Path, out_dir: str | Path, **overrides: Any) -> EvalConfig:
+        """``mlsae.test`` options for one trained SAE; results go to ``out_dir``."""
+        values = self.section("test")
+        values.update(_drop_none(overrides))
+        values.update(repo_id=str(repo_id), out_dir=str(out_dir))
+        return EvalConfig(**_only_known(EvalConfig, values, f"{self.path} test"))
+
+    def analysis(self, **overrides: Any) -> dict:
+        values = self.section("analysis")
+        values.update(_drop_none(overrides))
+        return values
+
+    def summary(self) -> dict:
+        """What the book's introduction says about the profile."""
+        cfg = self.train_config()
+        return {"name": self.name, "file": str(self.path), "description": self.description, "train": asdict(cfg)}
+
+
+def load_profile(name: str | Path) -> Profile:
+    return Profile.load(name)

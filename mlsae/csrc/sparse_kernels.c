@@ -1,0 +1,646 @@
+/* Native CPU kernels for the sparse parts of a TopK SAE step (optional: mlsae/native.py
+ * compiles this file on first use and falls back to pure PyTorch when it cannot).
+ *
+ * Every kernel is deterministic (fixed reduction order, static OpenMP schedules) so that
+ * training resumes and distributed runs reproduce single-process results.
+ * Indices are trusted: the Python wrappers check their range before calling.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Reorder (v, ix)[0..m) so that its k largest values come first (unordered); ix may be NULL. */
+static void select_largest(float* v, int64_t* ix, int64_t m, int64_t k) {
+    int64_t lo = 0, hi = m - 1;
+    while (lo < hi) {
+        float a = v[lo], b = v[lo + (hi - lo) / 2], c = v[hi];
+        float pivot = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
+            if (i <= j) {
+                float tv = v[i]; v[i] = v[j]; v[j] = tv;
+                if (ix) { int64_t ti = ix[i]; ix[i] = ix[j]; ix[j] = ti; }
+                i++; j--;
+            }
+        }
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else break;
+    }
+}
+
+/* Ask for a row that will be read soon: random rows of a large matrix miss every cache level. */
+static inline void prefetch_row(const float* row, int64_t d) {
+    for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(row + c, 0, 1);
+}
+
+#define PAD16(m) (((m) + 15) / 16 * 16)
+
+#ifdef __AVX512F__
+/* Branch-free selection for short arrays (quickselect mispredicts about every other compare).
+ * The rank of v[i] is the number of values ahead of it: larger, or equal and earlier; exactly
+ * k values have rank < k. v (room for PAD16(m) floats) is padded with -inf so whole vectors
+ * compare; the k winners (and their ix) go to out_v/out_ix (not overlapping v); returns the
+ * smallest. */
+#define RANK_MAX 128
+static float select_by_rank(float* v, const int64_t* ix, int64_t m, int64_t k, float* out_v,
+                            int64_t* out_ix) {
+    int64_t nv = (m + 15) / 16;
+    for (int64_t j = m; j < nv * 16; j++) v[j] = -INFINITY;
+    int64_t w = 0;
+    float kth = INFINITY;
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int64_t q = 0; q < nv; q++) { /* ranks of v[16q .. 16q+16), one lane each */
+        __m512 mine = _mm512_loadu_ps(v + 16 * q);
+        __m512i rank = _mm512_setzero_si512();
+        for (int64_t j = 0; j < m; j++) {
+            __m512 other = _mm512_set1_ps(v[j]);
+            int64_t after = j + 1 - 16 * q; /* lanes i > j: bits from `after` upwards */
+            __mmask16 later = after <= 0 ? 0xFFFF : (after >= 16 ? 0 : (__mmask16)(0xFFFFu << after));
+            __mmask16 ahead = _mm512_cmp_ps_mask(other, mine, _CMP_GT_OQ) |
+                              _mm512_mask_cmp_ps_mask(later, other, mine, _CMP_EQ_OQ);
+            rank = _mm512_mask_add_epi32(rank, ahead, rank, one);
+        }
+        __mmask16 win = _mm512_cmplt_epi32_mask(rank, _mm512_set1_epi32((int)k));
+        win &= (__mmask16)(m - 16 * q >= 16 ? 0xFFFF : (1u << (m - 16 * q)) - 1);
+        while (win) {
+            int t = __builtin_ctz(win);
+            win &= win - 1;
+            float x = v[16 * q + t];
+            out_v[w] = x;
+            if (ix) out_ix[w] = ix[16 * q + t];
+            w++;
+            kth = x < kth ? x : kth;
+        }
+    }
+    return kth;
+}
+#else
+#define RANK_MAX 0
+static float select_by_rank(float* v, const int64_t* ix, int64_t m, int64_t k, float* out_v,
+                            int64_t* out_ix) {
+    (void)v; (void)ix; (void)m; (void)k; (void)out_v; (void)out_ix;
+    return 0.0f;
+}
+#endif
+
+static inline float min_of(const float* v, int64_t k) {
+    float m = v[0];
+    for (int64_t i = 1; i < k; i++) m = v[i] < m ? v[i] : m;
+    return m;
+}
+
+/* Bit t of the result is set when x[t] >= th (strict: x[t] > th), for 16 consecutive values;
+ * NaN never sets a bit. */
+static inline uint32_t mask16_f32(const float* x, float th, int strict) {
+#ifdef __AVX512F__
+    __m512 v = _mm512_loadu_ps(x), t = _mm512_set1_ps(th);
+    return (uint32_t)(strict ? _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ) : _mm512_cmp_ps_mask(v, t, _CMP_GE_OQ));
+#else
+    uint32_t mask = 0;
+    for (int t = 0; t < 16; t++) mask |= (uint32_t)(strict ? x[t] > th : x[t] >= th) << t;
+    return mask;
+#endif
+}
+
+static inline uint32_t mask16_bf16(const uint16_t* x, float th, int strict) {
+#ifdef __AVX512F__
+    __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)x)), 16);
+    __m512 v = _mm512_castsi512_ps(wide), t = _mm512_set1_ps(th);
+    return (uint32_t)(strict ? _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ) : _mm512_cmp_ps_mask(v, t, _CMP_GE_OQ));
+#else
+    uint32_t mask = 0;
+    for (int t = 0; t < 16; t++) {
+        float v = bf16_to_f32(x[t]);
+        mask |= (uint32_t)(strict ? v > th : v >= th) << t;
+    }
+    return mask;
+#endif
+}
+
+typedef struct {
+    float* v;
+    int64_t* ix;
+    int64_t m, k, cap;
+    float th;
+} Buffer;
+
+/* Keep candidate (x, j); when the buffer is full keep its k largest and raise the threshold. */
+static inline void push(Buffer* b, float x, int64_t j) {
+    if (!(x >= b->th)) return;
+    b->v[b->m] = x;
+    b->ix[b->m] = j;
+    if (++b->m == b->cap) {
+        select_largest(b->v, b->ix, b->m, b->k);
+        b->m = b->k;
+        b->th = min_of(b->v, b->k);
+    }
+}
+
+/* TopK of one row (raw values; columns reported + col0). Columns are split into G strided groups (g, g+G, ...): the k-th
+ * largest group maximum is a lower bound of the k-th largest value, so one vectorised pass
+ * with that threshold leaves only a few candidates. Returns 0 for a row holding NaN, so that
+ * the caller can fall back to PyTorch's semantics. */
+#define DEFINE_ROW_TOPK(NAME, T, LOAD, MASK16)                                                  \
+    static int NAME(const T* p, int64_t F, int64_t G, int64_t k, int64_t col0, float* out_v,   \
+                    int64_t* out_i, float* gm, Buffer* b) {                                   \
+        int nan = 0;                                                                          \
+        _Pragma("omp simd reduction(| : nan)") for (int64_t g = 0; g < G; g++) {              \
+            gm[g] = LOAD(p[g]);                                                               \
+            nan |= gm[g] != gm[g];                                                            \
+        }                                                                                     \
+        for (int64_t a = G; a < F; a += G) {                                                  \
+            const T* q = p + a;                                                               \
+            int64_t len = F - a < G ? F - a : G;                                              \
+            _Pragma("omp simd reduction(| : nan)") for (int64_t g = 0; g < len; g++) {        \
+                float x = LOAD(q[g]);                                                         \
+                nan |= x != x;                                                                \
+                gm[g] = x > gm[g] ? x : gm[g];                                                \
+            }                                                                                 \
+        }                                                                                     \
+        if (nan) return 0; /* torch.topk ranks NaN first: leave such rows to it */             \
+        b->m = 0;                                                                             \
+        if (G <= RANK_MAX) {                                                                  \
+            b->th = select_by_rank(gm, NULL, G, k, gm + PAD16(G), NULL);                      \
+        } else {                                                                              \
+            select_largest(gm, NULL, G, k);                                                   \
+            b->th = min_of(gm, k);                                                            \
+        }                                                                                     \
+        int64_t j = 0;                                                                        \
+        for (; j + 16 <= F; j += 16) {                                                        \
+            uint32_t mask = MASK16(p + j, b->th, 0);                                             \
+            while (mask) {                                                                    \
+                int t = __builtin_ctz(mask);                                                  \
+                mask &= mask - 1;                                                             \
+                push(b, LOAD(p[j + t]), j + t);                                               \
+            }                                                                                 \
+        }                                                                                     \
+        for (; j < F; j++) push(b, LOAD(p[j]), j);                                            \
+        if (b->m < k) return 0;                                                               \
+        if (b->m <= RANK_MAX) {                                                               \
+            select_by_rank(b->v, b->ix, b->m, k, out_v, out_i);                               \
+        } else {                                                                              \
+            select_largest(b->v, b->ix, b->m, k);                                             \
+            memcpy(out_v, b->v, sizeof(float) * k);                                           \
+            memcpy(out_i, b->ix, sizeof(int64_t) * k);                                        \
+        }                                                                                     \
+        for (int64_t t = 0; t < k; t++) out_i[t] += col0;                                     \
+        return 1;                                                                             \
+    }
+
+#define IDENTITY(x) (x)
+#ifndef PREFETCH
+#define PREFETCH 8 /* entries ahead */
+#endif
+DEFINE_ROW_TOPK(row_topk_f32, float, IDENTITY, mask16_f32)
+DEFINE_ROW_TOPK(row_topk_bf16, uint16_t, bf16_to_f32, mask16_bf16)
+
+/* A row's running TopK lives in 2k slots: the current k largest (unordered) then up to k
+ * pending candidates, all above the threshold (the k-th largest when the pending ones were last
+ * folded in). Folding only when the pending half is full keeps the selects rare. */
+
+/* Fold the m pending candidates of (sv, si) into its first k slots; wv, wi are work arrays
+ * with room for PAD16(k + m). Returns the new threshold. */
+static float fold_pending(float* sv, int64_t* si, float* wv, int64_t* wi, int64_t k, int64_t m) {
+    memcpy(wv, sv, sizeof(float) * (k + m));
+    memcpy(wi, si, sizeof(int64_t) * (k + m));
+    if (k + m <= RANK_MAX) return select_by_rank(wv, wi, k + m, k, sv, si);
+    select_largest(wv, wi, k + m, k);
+    memcpy(sv, wv, sizeof(float) * k);
+    memcpy(si, wi, sizeof(int64_t) * k);
+    return min_of(sv, k);
+}
+
+/* Fold one more block of a row (columns col0..col0+cols) into its running TopK (sv, si, *pending,
+ * *th): only values above the threshold can enter, and after the first block they are rare.
+ * Returns 0 if the block holds NaN. */
+#define DEFINE_ROW_MERGE(NAME, T, LOAD, MASK16)                                                 \
+    static int NAME(const T* p, int64_t cols, int64_t col0, int64_t k, float* sv, int64_t* si,  \
+                    int64_t* pending, float* th, float* wv, int64_t* wi) {                     \
+        int64_t m = *pending;                                                                 \
+        int nan = 0;                                                                          \
+        for (int64_t j = 0; j < cols; j += 16) {                                              \
+            uint32_t mask;                                                                    \
+            if (j + 16 <= cols) {                                                             \
+                mask = MASK16(p + j, *th, 1);                                                 \
+                nan |= (MASK16(p + j, -INFINITY, 0) != 0xFFFFu);                              \
+            } else {                                                                          \
+                mask = 0;                                                                     \
+                for (int64_t t = j; t < cols; t++) {                                          \
+                    float x = LOAD(p[t]);                                                     \
+                    nan |= x != x;                                                            \
+                    mask |= (uint32_t)(x > *th) << (t - j);                                   \
+                }                                                                             \
+            }                                                                                 \
+            while (mask) {                                                                    \
+                int t = __builtin_ctz(mask);                                                  \
+                mask &= mask - 1;                                                             \
+                float x = LOAD(p[j + t]);                                                     \
+                if (!(x > *th)) continue; /* the threshold rose within this vector */         \
+                sv[k + m] = x;                                                                \
+                si[k + m] = col0 + j + t;                                                     \
+                if (++m == k) {                                                               \
+                    *th = fold_pending(sv, si, wv, wi, k, m);                                 \
+                    m = 0;                                                                    \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+        *pending = m;                                                                         \
+        return !nan;                                                                          \
+    }
+
+DEFINE_ROW_MERGE(row_merge_f32, float, IDENTITY, mask16_f32)
+DEFINE_ROW_MERGE(row_merge_bf16, uint16_t, bf16_to_f32, mask16_bf16)
+
+/* One block of columns (col0 .. col0+cols) of n rows of pre-activations (row r at
+ * tile + r * ld; fp32, or bf16 when is_bf16) into the running TopK of each row: values[r] and
+ * indices[r] (2k slots each, see fold_pending), pending[r] and thr[r]. The first block
+ * (first != 0, cols >= k) starts it with G (k <= G <= cols) groups for its threshold; the next
+ * ones merge; mlsae_topk_finish reads it out. Returns the number of rows holding NaN (their
+ * state is then undefined). */
+int64_t mlsae_topk_block(const void* tile, int is_bf16, int64_t n, int64_t cols, int64_t ld,
+                         int64_t col0, int64_t k, int64_t G, int first, float* values,
+                         int64_t* indices, int64_t* pending, float* thr, int nthreads) {
+    G = G < k ? k : (G > cols ? cols : G);
+    int64_t cap = 4 * k;
+    int64_t failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : failed)
+    {
+        /* gm: group maxima, padded to whole vectors for select_by_rank, then its output; then the
+         * candidate buffer or the fold's work values (padded too). */
+        float* gm = malloc(sizeof(float) * (2 * PAD16(G) + PAD16(2 * k + cap)));
+        int64_t* ix = malloc(sizeof(int64_t) * (2 * k + cap));
+        float* wv = gm + 2 * PAD16(G);
+        Buffer b = {wv, ix, 0, k, cap, 0.0f};
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            float *sv = values + r * 2 * k, *th = thr + r;
+            int64_t* si = indices + r * 2 * k;
+            int ok;
+            if (first) {
+                ok = is_bf16 ? row_topk_bf16((const uint16_t*)tile + r * ld, cols, G, k, col0, sv, si, gm, &b)
+                             : row_topk_f32((const float*)tile + r * ld, cols, G, k, col0, sv, si, gm, &b);
+                if (ok) *th = min_of(sv, k);
+                pending[r] = 0;
+            } else {
+                ok = is_bf16 ? row_merge_bf16((const uint16_t*)tile + r * ld, cols, col0, k, sv, si, pending + r, th, wv, ix)
+                             : row_merge_f32((const float*)tile + r * ld, cols, col0, k, sv, si, pending + r, th, wv, ix);
+            }
+            failed += !ok;
+        }
+        free(gm);
+        free(ix);
+    }
+    return failed;
+}
+
+/* The TopK of each row from its running state: the k largest values (ReLU'd if relu) and their
+ * columns. */
+void mlsae_topk_finish(float* values, int64_t* indices, const int64_t* pending, int64_t n,
+                       int64_t k, int relu, float* out_v, int64_t* out_i, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* wv = malloc(sizeof(float) * PAD16(2 * k));
+        int64_t* wi = malloc(sizeof(int64_t) * 2 * k);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            float* sv = values + r * 2 * k;
+            int64_t* si = indices + r * 2 * k;
+            if (pending[r]) fold_pending(sv, si, wv, wi, k, pending[r]);
+            for (int64_t t = 0; t < k; t++) {
+                out_v[r * k + t] = relu && !(sv[t] > 0.0f) ? 0.0f : sv[t];
+                out_i[r * k + t] = si[t];
+            }
+        }
+        free(wv);
+        free(wi);
+    }
+}
+
+/* o[0..d) = sum over q < m of a[q] * X[rows[q]] (rows of length d), in q order. With AVX-512
+ * the sums of 64 columns at a time stay in registers while the m rows stream by. */
+static inline void accumulate_rows(float* o, const float* a, const int64_t* rows, const float* X,
+                                   int64_t d, int64_t m) {
+    int64_t c0 = 0;
+#ifdef __AVX512F__
+    for (; c0 + 64 <= d; c0 += 64) {
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int64_t q = 0; q < m; q++) {
+            const float* x = X + rows[q] * d + c0;
+            if (c0 == 0 && q + PREFETCH < m) prefetch_row(X + rows[q + PREFETCH] * d, d);
+            __m512 aq = _mm512_set1_ps(a[q]);
+            s0 = _mm512_fmadd_ps(aq, _mm512_loadu_ps(x), s0);
+            s1 = _mm512_fmadd_ps(aq, _mm512_loadu_ps(x + 16), s1);
+            s2 = _mm512_fmadd_ps(aq, _mm512_loadu_ps(x + 32), s2);
+            s3 = _mm512_fmadd_ps(aq, _mm512_loadu_ps(x + 48), s3);
+        }
+        _mm512_storeu_ps(o + c0, s0);
+        _mm512_storeu_ps(o + c0 + 16, s1);
+        _mm512_storeu_ps(o + c0 + 32, s2);
+        _mm512_storeu_ps(o + c0 + 48, s3);
+    }
+#endif
+    if (c0 < d) {
+        memset(o + c0, 0, sizeof(float) * (d - c0));
+        for (int64_t q = 0; q < m; q++) {
+            const float* x = X + rows[q] * d;
+            float aq = a[q];
+#pragma omp simd
+            for (int64_t c = c0; c < d; c++) o[c] += aq * x[c];
+        }
+    }
+}
+
+/* Counting sort of the n*k entries by latent: entries of latent f are q in [start[f], start[f+1]),
+ * each with its vector rows[q] = e / k, weight weights[q] = w[e] and (when not NULL) entry[q] = e,
+ * in their original order. start[] has F+1 slots. Serial: O(n*k), small next to the row work. */
+static void bucket_by_latent(const float* w, const int64_t* idx, int64_t n, int64_t k, int64_t F,
+                             int64_t* rows, float* weights, int64_t* entry, int64_t* start) {
+    int64_t nnz = n * k;
+    memset(start, 0, sizeof(int64_t) * (F + 1));
+    for (int64_t e = 0; e < nnz; e++) start[idx[e] + 1]++;
+    for (int64_t f = 0; f < F; f++) start[f + 1] += start[f];
+    for (int64_t e = 0; e < nnz; e++) {
+        int64_t q = start[idx[e]]++;
+        rows[q] = e / k;
+        weights[q] = w[e];
+        if (entry) entry[q] = e;
+    }
+    for (int64_t f = F; f > 0; f--) start[f] = start[f - 1];
+    start[0] = 0;
+}
+
+/* Prefetch the first rows of latent f's entries (the hardware cannot guess random rows). */
+static inline void prefetch_entries(const float* X, const int64_t* rows, const int64_t* start,
+                                    int64_t f, int64_t F, int64_t d) {
+    if (f >= F) return;
+    for (int64_t q = start[f]; q < start[f + 1] && q < start[f] + PREFETCH; q++) prefetch_row(X + rows[q] * d, d);
+}
+
+/* out[f] = sum of w[e] * X[e / k] over the entries e (of n*k) with idx[e] == f; wsum[f] = sum
+ * of those w[e] (when not NULL). Each output row is written once, in parallel over latents,
+ * summing its entries in their original order. rows, weights: n*k; start: F+1 (workspaces). */
+void mlsae_scatter_rows(const float* w, const int64_t* idx, const float* X, int64_t n, int64_t k,
+                        int64_t d, int64_t F, float* out, float* wsum, int64_t* rows,
+                        float* weights, int64_t* start, int nthreads) {
+    bucket_by_latent(w, idx, n, k, F, rows, weights, NULL, start);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 64)
+    for (int64_t f = 0; f < F; f++) {
+        int64_t q0 = start[f], m = start[f + 1] - q0;
+        prefetch_entries(X, rows, start, f + 1, F, d);
+        accumulate_rows(out + f * d, weights + q0, rows + q0, X, d, m);
+        if (wsum) {
+            float total = 0.0f;
+            for (int64_t q = q0; q < q0 + m; q++) total += weights[q];
+            wsum[f] = total;
+        }
+    }
+}
+
+/* Returns <w, x> and does o += a * x, over d floats (four independent sums hide FMA latency). */
+static inline float dot_and_axpy(float* o, const float* w, const float* x, float a, int64_t d) {
+    int64_t c = 0;
+    float dot = 0.0f;
+#ifdef __AVX512F__
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, av = _mm512_set1_ps(a);
+    for (; c + 64 <= d; c += 64) {
+        __m512 x0 = _mm512_loadu_ps(x + c), x1 = _mm512_loadu_ps(x + c + 16);
+        __m512 x2 = _mm512_loadu_ps(x + c + 32), x3 = _mm512_loadu_ps(x + c + 48);
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c), x0, s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 16), x1, s1);
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 32), x2, s2);
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 48), x3, s3);
+        _mm512_storeu_ps(o + c, _mm512_fmadd_ps(av, x0, _mm512_loadu_ps(o + c)));
+        _mm512_storeu_ps(o + c + 16, _mm512_fmadd_ps(av, x1, _mm512_loadu_ps(o + c + 16)));
+        _mm512_storeu_ps(o + c + 32, _mm512_fmadd_ps(av, x2, _mm512_loadu_ps(o + c + 32)));
+        _mm512_storeu_ps(o + c + 48, _mm512_fmadd_ps(av, x3, _mm512_loadu_ps(o + c + 48)));
+    }
+    dot = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#endif
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = c; j < d; j++) {
+        dot += w[j] * x[j];
+        o[j] += a * x[j];
+    }
+    return dot;
+}
+
+/* Backward of the sparse decode out[i] = sum_j v[i, j] * W[idx[i, j]] given G = dL/dout:
+ * grad_W[f] = sum of v[e] * G[e / k] over entries with idx[e] == f, and
+ * grad_v[e] = <W[idx[e]], G[e / k]>, both from one read of each G row (bucketed by latent,
+ * so W[f] stays in cache). rows, weights, entry: n*k; start: F+1 (workspaces). */
+void mlsae_decode_backward(const float* v, const int64_t* idx, const float* G, const float* W,
+                           int64_t n, int64_t k, int64_t d, int64_t F, float* grad_W,
+                           float* grad_v, int64_t* rows, float* weights, int64_t* entry,
+                           int64_t* start, int nthreads) {
+    bucket_by_latent(v, idx, n, k, F, rows, weights, entry, start);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 64)
+    for (int64_t f = 0; f < F; f++) {
+        int64_t q0 = start[f], q1 = start[f + 1];
+        const float* wf = W + f * d;
+        float* o = grad_W + f * d;
+        prefetch_entries(G, rows, start, f + 1, F, d);
+        memset(o, 0, sizeof(float) * d);
+        for (int64_t q = q0; q < q1; q++) {
+            const float* x = G + rows[q] * d;
+            if (q + PREFETCH < q1) prefetch_row(G + rows[q + PREFETCH] * d, d);
+            float dot = dot_and_axpy(o, wf, x, weights[q], d);
+            grad_v[entry[q]] = dot;
+        }
+    }
+}
+
+/* out[i, j] = <W[idx[i, j]], G[i]>: the gradient of a sparse decode with respect to its values. */
+void mlsae_gather_dot(const int64_t* idx, const float* W, const float* G, int64_t n, int64_t k,
+                      int64_t d, float* out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float* g = G + i * d;
+        for (int64_t j = 0; j < k; j++) {
+            const float* row = W + idx[i * k + j] * d;
+            if (i * k + j + PREFETCH < n * k) prefetch_row(W + idx[i * k + j + PREFETCH] * d, d);
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t c = 0; c < d; c++) s += row[c] * g[c];
+            out[i * k + j] = s;
+        }
+    }
+}
+
+/* out[i] = sum_j v[i, j] * W[idx[i, j]]: the sparse decode. Columns go in blocks of DBLOCK
+ * so that the block's sums stay in registers while the k rows stream by. */
+void mlsae_gather_sum(const float* v, const int64_t* idx, const float* W, int64_t n, int64_t k,
+                      int64_t d, float* out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float* vi = v + i * k;
+        const int64_t* ii = idx + i * k;
+        if (i + 1 < n)
+            for (int64_t j = 0; j < k; j++) prefetch_row(W + ii[k + j] * d, d);
+        accumulate_rows(out + i * d, vi, ii, W, d, k);
+    }
+}
+
+/* g[f] -= <g[f], w[f]> * w[f] for each of F rows of length d: removes from a decoder gradient
+ * its component along each (unit) decoder row, in one pass instead of PyTorch's three. */
+void mlsae_project_rows(float* g, const float* w, int64_t F, int64_t d, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t f = 0; f < F; f++) {
+        float* gf = g + f * d;
+        const float* wf = w + f * d;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < d; c++) dot += gf[c] * wf[c];
+#pragma omp simd
+        for (int64_t c = 0; c < d; c++) gf[c] -= dot * wf[c];
+    }
+}
+
+/* Per-row standardization of x [n, d]: mean[i], sq_norm[i] = |x[i] - mean|^2,
+ * scale[i] = sqrt(sq_norm / (d - 1)) + eps, z[i] = (x[i] - mean) / scale (two-pass, like
+ * PyTorch's std, with the row in L1 between the passes). */
+void mlsae_standardize(const float* x, int64_t n, int64_t d, float eps, float* z, float* mean,
+                       float* scale, float* sq_norm, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float* xi = x + i * d;
+        float* zi = z + i * d;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t c = 0; c < d; c++) s += xi[c];
+        float m = s / (float)d, ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t c = 0; c < d; c++) {
+            float t = xi[c] - m;
+            zi[c] = t;
+            ss += t * t;
+        }
+        float sc = sqrtf(ss / (float)(d > 1 ? d - 1 : 1)) + eps, inv = 1.0f / sc;
+#pragma omp simd
+        for (int64_t c = 0; c < d; c++) zi[c] *= inv;
+        mean[i] = m;
+        scale[i] = sc;
+        sq_norm[i] = ss;
+    }
+}
+
+/* err[i] = (dec[i] + b - z[i]) * scale[i] and sq[i] = |err[i]|^2: the raw-space reconstruction
+ * error of standardized vectors, in one pass. */
+void mlsae_scaled_error(const float* dec, const float* b, const float* z, const float* scale,
+                        int64_t n, int64_t d, float* err, float* sq, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float *di = dec + i * d, *zi = z + i * d;
+        float* ei = err + i * d;
+        float s = scale[i], acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t c = 0; c < d; c++) {
+            float e = (di[c] + b[c] - zi[c]) * s;
+            ei[c] = e;
+            acc += e * e;
+        }
+        sq[i] = acc;
+    }
+}
+
+/* grad[i] = err[i] * w[i], and grad_b = sum_i grad[i] (per-thread partial sums in partial[],
+ * nthreads * d floats, added in thread order: deterministic for a given thread count). */
+void mlsae_scaled_error_backward(const float* err, const float* w, int64_t n, int64_t d,
+                                 float* grad, float* grad_b, float* partial, int nthreads) {
+    memset(partial, 0, sizeof(float) * nthreads * d);
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = omp_get_thread_num();
+        float* pb = partial + t * d;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            const float* ei = err + i * d;
+            float* gi = grad + i * d;
+            float wi = w[i];
+#pragma omp simd
+            for (int64_t c = 0; c < d; c++) {
+                float g = ei[c] * wi;
+                gi[c] = g;
+                pb[c] += g;
+            }
+        }
+    }
+    memset(grad_b, 0, sizeof(float) * d);
+    for (int t = 0; t < nthreads; t++)
+        for (int64_t c = 0; c < d; c++) grad_b[c] += partial[t * d + c];
+}
+
+/* Exact fp32 TopK from the candidates of a bf16 product. Row r: cv/ci[r] hold the K largest
+ * bf16-product values and their latents; a bf16 value c of the row lies within
+ * 2^-7 |c| + err[r] of the fp32 value (inputs rounded to bf16, fp32 sums, output rounded).
+ * The candidates that may be in the fp32 TopK (upper bound >= the k-th largest lower bound) get
+ * their fp32 values <u[r], W[f]>, and the k largest are kept (ReLU'd) in out_v/out_i. A latent
+ * outside the candidates has a bf16 value <= the smallest candidate's, so if that one's upper
+ * bound is below the k-th fp32 value (or K == F) the row is exact; otherwise flag[r] = 1 and the
+ * row is left to the caller. Returns the number of flagged rows. */
+static inline float upper(float c, float e) { return c + fabsf(c) * 0x1p-7f + e; }
+static inline float lower(float c, float e) { return c - fabsf(c) * 0x1p-7f - e; }
+
+int64_t mlsae_rescore(const float* cv, const int64_t* ci, int64_t n, int64_t K, int64_t k, int64_t F,
+                      const float* err, const float* u, const float* W, int64_t d, float* out_v,
+                      int64_t* out_i, uint8_t* flag, int nthreads) {
+    int64_t flagged = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : flagged)
+    {
+        float* wv = malloc(sizeof(float) * 2 * PAD16(K));
+        int64_t* wi = malloc(sizeof(int64_t) * K);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            const float* v = cv + r * K;
+            const int64_t* c = ci + r * K;
+            float e = err[r];
+            memcpy(wv, v, sizeof(float) * K);
+            float T = K <= RANK_MAX ? select_by_rank(wv, NULL, K, k, wv + PAD16(K), NULL)
+                                    : (select_largest(wv, NULL, K, k), min_of(wv, k));
+            float floor_k = lower(T, e); /* the fp32 k-th largest is at least this */
+            const float* ur = u + r * d;
+            int64_t m = 0;
+            for (int64_t j = 0; j < K; j++) {
+                if (!(upper(v[j], e) >= floor_k)) continue;
+                const float* w = W + c[j] * d;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t q = 0; q < d; q++) dot += ur[q] * w[q];
+                wv[m] = dot;
+                wi[m] = c[j];
+                m++;
+            }
+            float kth;
+            if (m < k || !(floor_k == floor_k)) {
+                kth = NAN;
+            } else if (m <= RANK_MAX) {
+                kth = select_by_rank(wv, wi, m, k, out_v + r * k, out_i + r * k);
+            } else {
+                select_largest(wv, wi, m, k);
+                memcpy(out_v + r * k, wv, sizeof(float) * k);
+                memcpy(out_i + r * k, wi, sizeof(int64_t) * k);
+                kth = min_of(wv, k);
+            }
+            flag[r] = !(kth == kth) || !(K == F || upper(min_of(v, K), e) < kth);
+            flagged += flag[r];
+            for (int64_t t = 0; t < k; t++) out_v[r * k + t] = out_v[r * k + t] > 0.0f ? out_v[r * k + t] : 0.0f;
+        }
+        free(wv);
+        free(wi);
+    }
+    return flagged;
+}

@@ -1,0 +1,288 @@
+"""Optional native CPU kernels (mlsae/csrc/sparse_kernels.c), compiled on first use.
+
+PyTorch's CPU ``topk`` costs about 2 ns per pre-activation, as much as the bf16 encoder
+product itself, and its sparse products sort and allocate; these few C loops do the sparse
+parts of a TopK step at memory speed. They are built with the system C compiler
+(``cc -O3 -march=native -fopenmp``) into a per-machine cache and loaded with ctypes, so no
+build step or extra package is needed. Without a compiler, or with ``MLSAE_NATIVE=0``,
+``lib()`` returns None and mlsae.kernels uses its pure PyTorch path (same results).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mlsae.utils import cache_dir
+
+SOURCE = Path(__file__).parent / "csrc" / "sparse_kernels.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+SIGNATURES = {
+    "mlsae_topk_block": ([_P, _INT, _I64, _I64, _I64, _I64, _I64, _I64, _INT, _P, _P, _P, _P, _INT], _I64),
+    "mlsae_topk_finish": ([_P, _P, _P, _I64, _I64, _INT, _P, _P, _INT], None),
+    "mlsae_rescore": ([_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _INT], _I64),
+    "mlsae_scatter_rows": ([_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _INT], None),
+    "mlsae_decode_backward": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT], None),
+    "mlsae_project_rows": ([_P, _P, _I64, _I64, _INT], None),
+    "mlsae_standardize": ([_P, _I64, _I64, ctypes.c_float, _P, _P, _P, _P, _INT], None),
+    "mlsae_scaled_error": ([_P, _P, _P, _P, _I64, _I64, _P, _P, _INT], None),
+    "mlsae_scaled_error_backward": ([_P, _P, _I64, _I64, _P, _P, _P, _INT], None),
+    "mlsae_gather_dot": ([_P, _P, _P, _I64, _I64, _I64, _P, _INT], None),
+    "mlsae_gather_sum": ([_P, _P, _P, _I64, _I64, _I64, _P, _INT], None),
+}
+
+
+def enabled() -> bool:
+    return os.environ.get("MLSAE_NATIVE", "1") != "0"
+
+
+@functools.cache
+def lib() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (disabled, not x86/ARM Linux/macOS, or no working compiler)."""
+    if not enabled() or not SOURCE.is_file():
+        return None
+    try:
+        handle = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        warnings.warn(f"mlsae: native CPU kernels unavailable, using PyTorch ops ({e})", stacklevel=2)
+        return None
+    for name, (args, res) in SIGNATURES.items():
+        fn = getattr(handle, name)
+        fn.argtypes, fn.restype = args, res
+    return handle
+
+
+def _build() -> Path:
+    """Compile into a cache folder keyed by source, flags, compiler and CPU (``-march=native``)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(), _cpu_id()])).hexdigest()[:16]
+    folder = Path(os.environ.get("MLSAE_NATIVE_CACHE") or cache_dir() / "native") / key
+    target = folder / "mlsae_native.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)  # concurrent builds (torchrun ranks) each rename
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, target)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"{cc} failed: {e.stderr.decode(errors='replace')[-500:]}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _cpu_id() -> bytes:
+    """What ``-march=native`` depends on: the CPU's feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in info.splitlines() if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return (platform.machine() + flags).encode()
+
+
+@functools.cache
+def fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): then a bf16 product is ~4x an fp32 one."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def tune_malloc() -> bool:
+    """Serve large allocations from glibc's heap and keep freed memory: returns whether it applied.
+
+    By default every tensor over a few MB is a fresh mmap, and on a VM its first touch costs
+    ~0.5-1 ms per MB in page faults: a training step that allocates a few hundred MB of
+    gradients and temporaries spends more time faulting pages than computing. Process-wide
+    (call it once, early, in a training process); peak RSS is unchanged, it just is not given back.
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+
+
+def _ptr(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the native kernels apply: loaded, and every tensor a contiguous CPU tensor."""
+    return lib() is not None and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """ReLU of the k largest values of each row of ``pre [n, F]`` (fp32 or bf16) and their columns.
+
+    None when a row holds NaN (PyTorch's topk then decides what to do with it).
+    """
+    state = TopKState(pre.shape[0], k)
+    return None if state.add(pre, 0) else state.finish()
+
+
+class TopKState:
+    """Running TopK of n rows over blocks of columns (each block folded in while it is in cache).
+
+    Per row, 2k slots: the current k largest, then up to k pending candidates above the
+    threshold (folded in when full, so selects stay rare even over many blocks).
+    """
+
+    def __init__(self, n: int, k: int):
+        self.k = k
+        self.values = torch.empty(n, 2 * k, dtype=torch.float32)
+        self.indices = torch.empty(n, 2 * k, dtype=torch.int64)
+        self.pending = torch.empty(n, dtype=torch.int64)
+        self.threshold = torch.empty(n, dtype=torch.float32)
+
+    def add(self, tile: Tensor, col0: int, rows: slice = slice(None)) -> int:
+        """Fold columns ``col0 .. col0 + tile.shape[1]`` of ``rows`` (``tile [n_rows, cols]``, rows may be
+        strided, fp32 or bf16). The first call of each row starts it (at least k columns). Returns
+        how many rows held NaN."""
+        n, cols = tile.shape
+        k = self.k
+        groups = max(2 * k, min(cols // 128, 16 * k))  # tighter threshold vs longer select: best on AVX-512
+        first = col0 == 0
+        return lib().mlsae_topk_block(
+            _ptr(tile), int(tile.dtype == torch.bfloat16), n, cols, tile.stride(0), col0, k, groups, int(first),
+            _ptr(self.values[rows]), _ptr(self.indices[rows]), _ptr(self.pending[rows]), _ptr(self.threshold[rows]),
+            _threads(),
+        )
+
+    def finish(self, relu: bool = True) -> tuple[Tensor, Tensor]:
+        """Each row's k largest values [n, k] (ReLU'd) and their columns [n, k] (unordered)."""
+        n, k = self.values.shape[0], self.k
+        values = torch.empty(n, k, dtype=torch.float32)
+        indices = torch.empty(n, k, dtype=torch.int64)
+        lib().mlsae_topk_finish(_ptr(self.values), _ptr(self.indices), _ptr(self.pending), n, k, int(relu),
+                                _ptr(values), _ptr(indices), _threads())
+        return values, indices
+
+
+def rescore(values: Tensor, indices: Tensor, k: int, n_latents: int, error: Tensor, u: Tensor, W: Tensor,
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact fp32 TopK (ReLU'd values, indices) of ``u @ W.T`` from the K candidates of a bf16 product.
+
+    ``values, indices [n, K]``: the bf16 product's K largest per row; ``error [n]`` bounds the
+    difference of a row's bf16 and fp32 values beyond 2^-7 of their size. Returns also a bool
+    mask of the rows the candidates could not settle (to be computed by the caller).
+    """
+    n, K = values.shape
+    out_v = torch.empty(n, k, dtype=torch.float32)
+    out_i = torch.empty(n, k, dtype=torch.int64)
+    flag = torch.empty(n, dtype=torch.uint8)
+    lib().mlsae_rescore(_ptr(values), _ptr(indices), n, K, k, n_latents, _ptr(error), _ptr(u), _ptr(W), u.shape[1],
+                        _ptr(out_v), _ptr(out_i), _ptr(flag), _threads())
+    return out_v, out_i, flag.bool()
+
+
+def scatter_rows(w: Tensor, indices: Tensor, X: Tensor, n_rows: int, with_sum: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``out[f] = sum over (i, j) with indices[i, j] == f of w[i, j] * X[i]``: [n_rows, d] (and the sums of w)."""
+    n, k = indices.shape
+    d = X.shape[1]
+    out = torch.empty(n_rows, d, dtype=torch.float32)
+    wsum = torch.empty(n_rows, dtype=torch.float32) if with_sum else None
+    rows = torch.empty(n * k, dtype=torch.int64)
+    weights = torch.empty(n * k, dtype=torch.float32)
+    start = torch.empty(n_rows + 1, dtype=torch.int64)
+    lib().mlsae_scatter_rows(
+        _ptr(w), _ptr(indices), _ptr(X), n, k, d, n_rows, _ptr(out), _ptr(wsum) if with_sum else None,
+        _ptr(rows), _ptr(weights), _ptr(start), _threads(),
+    )
+    return out, wsum
+
+
+def decode_backward(values: Tensor, indices: Tensor, grad_out: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of ``out[i] = sum_j values[i, j] * W[indices[i, j]]``: (dL/dW [F, d], dL/dvalues [n, k])."""
+    n, k = indices.shape
+    n_rows, d = W.shape
+    grad_W = torch.empty(n_rows, d, dtype=torch.float32)
+    grad_v = torch.empty(n, k, dtype=torch.float32)
+    rows, entry = torch.empty(2, n * k, dtype=torch.int64)
+    weights = torch.empty(n * k, dtype=torch.float32)
+    start = torch.empty(n_rows + 1, dtype=torch.int64)
+    lib().mlsae_decode_backward(
+        _ptr(values), _ptr(indices), _ptr(grad_out), _ptr(W), n, k, d, n_rows, _ptr(grad_W), _ptr(grad_v),
+        _ptr(rows), _ptr(weights), _ptr(entry), _ptr(start), _threads(),
+    )
+    return grad_W, grad_v
+
+
+def gather_dot(indices: Tensor, W: Tensor, G: Tensor) -> Tensor:
+    """``out[i, j] = <W[indices[i, j]], G[i]>``."""
+    n, k = indices.shape
+    out = torch.empty(n, k, dtype=torch.float32)
+    lib().mlsae_gather_dot(_ptr(indices), _ptr(W), _ptr(G), n, k, W.shape[1], _ptr(out), _threads())
+    return out
+
+
+def gather_sum(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+    """``out[i] = sum_j values[i, j] * W[indices[i, j]]``."""
+    n, k = indices.shape
+    out = torch.empty(n, W.shape[1], dtype=torch.float32)
+    lib().mlsae_gather_sum(_ptr(values), _ptr(indices), _ptr(W), n, k, W.shape[1], _ptr(out), _threads())
+    return out
+
+
+def project_rows(g: Tensor, w: Tensor) -> None:
+    """In place: ``g[f] -= <g[f], w[f]> * w[f]`` for every row f."""
+    lib().mlsae_project_rows(_ptr(g), _ptr(w), g.shape[0], g.shape[1], _threads())
+
+
+def standardize(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row ``(z, mean, scale, sq_norm)`` of ``x [n, d]``: z = (x - mean) / (std + eps), as one pass."""
+    n, d = x.shape
+    z = torch.empty_like(x)
+    mean, scale, sq_norm = torch.empty(3, n, 1)
+    lib().mlsae_standardize(_ptr(x), n, d, eps, _ptr(z), _ptr(mean), _ptr(scale), _ptr(sq_norm), _threads())
+    return z, mean, scale, sq_norm
+
+
+def scaled_error(decoded: Tensor, b: Tensor, z: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``err = (decoded + b - z) * scale`` [n, d] and each row's ``|err|^2`` [n]."""
+    n, d = z.shape
+    err = torch.empty_like(z)
+    sq = torch.empty(n)
+    lib().mlsae_scaled_error(_ptr(decoded), _ptr(b), _ptr(z), _ptr(scale), n, d, _ptr(err), _ptr(sq), _threads())
+    return err, sq
+
+
+def scaled_error_backward(err: Tensor, row_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``grad = err * row_weight[:, None]`` and ``grad.sum(0)``."""
+    n, d = err.shape
+    threads = _threads()
+    grad = torch.empty_like(err)
+    grad_b = torch.empty(d)
+    partial = torch.empty(threads, d)
+    lib().mlsae_scaled_error_backward(_ptr(err), _ptr(row_weight), n, d, _ptr(grad), _ptr(grad_b), _ptr(partial), threads)
+    return grad, grad_b

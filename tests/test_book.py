@@ -1,0 +1,246 @@
+"""The paper book under the smoke profile: every notebook executed with papermill, the Jupyter Book
+built from their outputs with no error or warning, and every number in the book traced to a
+number a notebook recorded (and, where a notebook named it, to the file it was read from).
+
+The notebooks share one smoke run (a session fixture): a tiny random Llama, a slice of Brown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("papermill")
+pytest.importorskip("jupyter_book")
+
+import nbformat  # noqa: E402
+import yaml  # noqa: E402
+
+from mlsae.book import Results, load_profile, number_tokens, repo_root, train_status  # noqa: E402
+from mlsae.book.build import NOTEBOOKS, build, check_numbers, execute, fetch, page_text, verify_sources  # noqa: E402
+from mlsae.book.results import fmt_number  # noqa: E402
+from mlsae.train import parse_args  # noqa: E402
+
+ROOT = repo_root()
+
+
+@pytest.fixture(scope="session")
+def smoke_book(tmp_path_factory):
+    """Execute every notebook under the smoke profile into a temporary folder, then build the book."""
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the profiles' relative paths (the tiny model in ./cache) hold from the project folder
+    try:
+        base = tmp_path_factory.mktemp("book")
+        out, runs = base / "out", base / "runs"
+        fetch("smoke")
+        timings = {}
+        for name in NOTEBOOKS:
+            start = time.perf_counter()
+            execute(name, "smoke", out_dir=str(out), runs_dir=str(runs))
+            timings[name] = time.perf_counter() - start
+        start = time.perf_counter()
+        index = build("smoke", str(out), check=False)
+        timings["book"] = time.perf_counter() - start
+        print("smoke book timings (s):", {k: round(v, 1) for k, v in timings.items()})
+        yield {"out": out, "runs": runs, "html": index.parent, "index": index}
+    finally:
+        os.chdir(cwd)
+
+
+# ----------------------------------------------------------------------------- the notebooks
+
+
+def test_toc_and_notebooks_agree():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    chapters = [Path(f).name for f in files if f.startswith("book/notebooks/")]
+    assert chapters == list(NOTEBOOKS)
+    for name in NOTEBOOKS:
+        nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{name}: needs exactly one papermill 'parameters' cell"
+        assert "profile" in tagged[0].source
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name}: commit it without outputs"
+
+
+def test_every_notebook_executed(smoke_book):
+    for name in NOTEBOOKS:
+        path = smoke_book["out"] / "notebooks" / f"{name}.ipynb"
+        nb = nbformat.read(path, as_version=4)
+        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert injected and "'smoke'" in injected[0].source.replace('"', "'"), name
+        errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, f"{name}: {errors[0]['ename']}: {errors[0]['evalue']}"
+        results = json.loads((smoke_book["out"] / "results" / f"{name}.json").read_text())
+        assert results["items"] or results["tables"], f"{name} recorded no result"
+
+
+def test_training_ran_once_and_is_reused(smoke_book):
+    prof = load_profile("smoke")
+    cfg = prof.train_config(runs_dir=smoke_book["runs"])
+    assert train_status(cfg) == "done"
+    for bcfg in prof.baseline_configs(runs_dir=smoke_book["runs"]):
+        assert train_status(bcfg) == "done"
+
+
+def test_cached_stages_are_keyed_on_their_code(smoke_book):
+    from mlsae.book.stages import EVAL_CODE, PASS_CODE, code_digest
+
+    evals = sorted((smoke_book["out"] / "eval").glob("test_*.json"))
+    assert evals and all(json.loads(p.read_text())["code"] == code_digest(EVAL_CODE) for p in evals)
+    stamps = list((smoke_book["out"] / "analysis").glob("*/book-stages.json"))
+    assert any(json.loads(p.read_text()).get("pass") == code_digest(PASS_CODE) for p in stamps)
+
+
+# ----------------------------------------------------------------------------- the book
+
+
+def test_book_built_without_warnings(smoke_book):
+    html = smoke_book["html"]
+    assert smoke_book["index"].is_file()
+    for name in NOTEBOOKS:
+        assert (html / "book" / "notebooks" / f"{name}.html").is_file(), name
+    log = (smoke_book["out"] / "book" / "build.log").read_text()
+    assert "build succeeded" in log
+    bad = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
+    assert not bad, "\n".join(bad[:20])
+    assert (html / "_static" / "plotly.min.js").is_file()  # interactive figures work offline
+
+
+def test_book_says_which_profile_built_it(smoke_book):
+    text = " ".join(page_text(smoke_book["html"] / "book" / "intro.html").split())
+    assert "profile smoke" in text
+    assert "Headline results of this build" in text
+
+
+def test_chapters_show_figures_and_verdicts(smoke_book):
+    html = smoke_book["html"] / "book" / "notebooks"
+    ld = (html / "layer_distributions.html").read_text()
+    assert "<img" in ld and "plotly-graph-div" in ld  # a static and an interactive figure
+    assert "The paper reports about" in page_text(html / "layer_distributions.html")
+    ev = page_text(html / "evaluation.html")
+    assert "agrees with the paper" in ev or "disagrees with the paper" in ev
+    assert "Traceback" not in ld
+
+
+def test_every_number_in_the_book_was_recorded(smoke_book):
+    problems = check_numbers(smoke_book["html"], smoke_book["out"] / "results")
+    assert not problems, "\n".join(f"{p}: {t!r} in ...{c}..." for p, t, c in problems[:20])
+    assert not verify_sources(smoke_book["out"])
+
+
+def test_numbers_are_read_from_the_rendered_pages(smoke_book):
+    """The check sees the numbers a reader sees: a recorded evaluation number is on its page."""
+    results = json.loads((smoke_book["out"] / "results" / "evaluation.json").read_text())
+    text = page_text(smoke_book["html"] / "book" / "notebooks" / "evaluation.html")
+    assert results["items"]["main_fvu"]["text"] in text
+    assert set(number_tokens(results["items"]["main_fvu"]["text"])) <= set(number_tokens(text))
+
+
+# ----------------------------------------------------------------------------- the check itself
+
+
+def test_check_flags_a_typed_in_number(tmp_path):
+    html = tmp_path / "html"
+    (html / "book").mkdir(parents=True)
+    page = html / "book" / "chapter.html"
+    page.write_text('<html><body><article class="bd-article"><p>FVU is 0.8123 at layer 3 of SmolLM2-135M.</p>'
+                    '<div class="cell_input"><pre>x = 42</pre></div><script>var y = 7;</script>'
+                    '</article><footer>2025</footer></body></html>')
+    results = tmp_path / "out"
+    R = Results("chapter", results)
+    R.num("layer", 3)
+    found = check_numbers(html, results / "results")
+    assert [(p, t) for p, t, _ in found] == [("book/chapter.html", "0.8123")]
+    R.num("fvu", 0.81234, ".4f")
+    assert check_numbers(html, results / "results") == []
+
+
+def test_sources_are_verified(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "r.json").write_text(json.dumps({"results": {"fvu": 0.25}}))
+    R = Results("x", tmp_path)
+    R.num("fvu", 0.25, ".2f", source=("eval/r.json", ["results", "fvu"]))
+    assert verify_sources(tmp_path) == []
+    R.num("fvu", 0.5, ".2f", source=("eval/r.json", ["results", "fvu"]))
+    assert len(verify_sources(tmp_path)) == 1
+
+
+def test_number_tokens_and_formats():
+    assert number_tokens("x8 k32 layer_3 SmolLM2-135M ef 8, FVU 0.123; 262,144 tokens; ~100x; -0.5; 1e-05") == [
+        "8", "0.123", "262144", "100", "0.5", "1e-05"]
+    assert fmt_number(262144) == "262,144"
+    assert fmt_number(0.123456) == "0.123"
+    assert fmt_number(0.5, ".1%") == "50.0%"
+    assert fmt_number(-0.0001, ".3f") == "0.000" and fmt_number(-0.5, ".2f") == "-0.50"
+
+
+def test_table_records_every_cell(tmp_path):
+    import pandas as pd
+
+    R = Results("t", tmp_path)
+    R.table("tab", pd.DataFrame({"FVU": [0.12345, 0.5]}, index=pd.Index([0, 29], name="layer")), ".3f", show=False)
+    saved = json.loads(R.path.read_text())["tables"]["tab"]
+    assert ["0", "0.123"] in saved and ["29", "0.500"] in saved
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+@pytest.mark.parametrize("name", ["default", "smoke", "paper"])
+def test_profiles_are_train_configs(name):
+    prof = load_profile(name)
+    cfg = prof.train_config()
+    assert parse_args(["--config_path", str(prof.path)]) == cfg  # the profile doubles as mlsae.train's config
+    assert cfg.out_dir == f"runs/{name}/sweep"
+    assert prof.baseline_configs() and all(len(b.layers) == 1 for b in prof.baseline_configs())
+    prof.eval_config("some/folder", "out")
+    assert {"expansion_factor", "k", "max_tokens", "prompts"} <= set(prof.analysis())
+
+
+def test_paper_profile_is_the_papers_sweep():
+    cfg = load_profile("paper").train_config()
+    assert cfg.model_name == "EleutherAI/pythia-70m-deduped" and cfg.path == "monology/pile-uncopyrighted"
+    assert cfg.expansion_factor == [32, 64, 128] and cfg.k == [16, 32, 64]
+    assert cfg.lr == 1e-4 and cfg.max_length == 2048 and cfg.tokens_per_step == 131_072
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def test_environment_yml_in_step_with_pyproject():
+    import re
+    import tomllib
+
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = env["dependencies"]
+    python = next(d for d in deps if isinstance(d, str) and d.startswith("python="))
+    assert python.split("=")[1] >= project["requires-python"].removeprefix(">=")
+    pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+    assert "-c constraints.txt" in pip
+    editable = next(line for line in pip if line.startswith("-e ."))
+    extras = re.search(r"\[(.*)\]", editable).group(1).split(",")
+    assert set(extras) <= set(project["optional-dependencies"])
+    assert {"test", "book"} <= set(extras)
+    # the book's packages are pinned, so that set-up resolves quickly and reproducibly
+    pins = {line.split("==")[0].strip().lower() for line in (ROOT / "constraints.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    for dep in project["optional-dependencies"]["book"]:
+        name = re.split(r"[<>=\[ ]", dep)[0].lower()
+        assert name in pins, f"{name} (book extra) has no pin in constraints.txt"
+
+
+def test_experiments_never_replace_the_profiles_runs():
+    prof = load_profile("default")
+    assert prof.train_config(expansion_factor=prof.train_config().expansion_factor).out_dir == "runs/default/sweep"
+    other = prof.train_config(expansion_factor=[16])
+    assert other.out_dir.startswith("runs/default/sweep-") and other.expansion_factor == [16]
+    assert prof.train_config(runs_dir="/tmp/x").out_dir == "/tmp/x/sweep"
+    assert [b.out_dir for b in prof.baseline_configs()] == [f"runs/default/layer-{l}" for l in (5, 15, 25)]
+    (moved,) = prof.baseline_configs(layers=[3], max_tokens=4096)
+    assert moved.out_dir.startswith("runs/default/layer-3-") and moved.layers == [3] and moved.max_tokens == 4096
