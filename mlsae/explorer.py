@@ -501,12 +501,17 @@ def open_examples(examples: Any) -> tuple[Any, str]:
 
 
 def find_default_sae(root: str | os.PathLike = ".") -> Path | None:
-    """The MLSAE ``make all`` trained: the first ``runs/default/mlsae-*`` folder (else any profile's)."""
+    """The MLSAE ``make all`` trained (``runs/default/sweep/mlsae-*``, else any profile's).
+
+    Among several, the one the book analysed (it has an examples store) comes first.
+    """
     root = Path(root)
-    for pattern in ("runs/default/mlsae-*/config.json", "runs/*/mlsae-*/config.json"):
-        found = sorted(p.parent for p in root.glob(pattern) if (p.parent / "model.safetensors").is_file())
+    for profile in ("default", "*"):
+        found = sorted(p.parent for pattern in (f"runs/{profile}/mlsae-*/config.json",
+                                                f"runs/{profile}/sweep*/mlsae-*/config.json")
+                       for p in root.glob(pattern) if (p.parent / "model.safetensors").is_file())
         if found:
-            return found[0]
+            return min(found, key=lambda p: (find_examples(p, root) is None, str(p)))
     return None
 
 

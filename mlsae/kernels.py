@@ -29,10 +29,11 @@ from mlsae import native
 # Bytes of pre-activations per chunk of vectors on the row-chunk path: W_enc is read once per
 # chunk, so chunks must be large for large F; the buffer is reused across steps.
 CHUNK_BYTES = int(os.environ.get("MLSAE_CHUNK_BYTES", 64 << 20))
-# The tiled path (native TopK, no AuxK, more than 2 blocks of latents; measured: for fewer, one
-# product per chunk of vectors is as fast): latents per block and bytes per tile (cache-sized).
+# The tiled path (native TopK, no AuxK): latents per block and bytes per tile (cache-sized).
+# Measured: below ~8k latents one product per chunk of vectors is as fast or faster.
 LATENT_BLOCK = int(os.environ.get("MLSAE_LATENT_BLOCK", 2048))
 TILE_BYTES = int(os.environ.get("MLSAE_TILE_BYTES", 4 << 20))
+TILED_MIN_LATENTS = 4 * LATENT_BLOCK
 SPAN_ROWS = 16384  # vectors per pass over W_enc on the tiled path
 # fp32 without autocast: rank latents with a bf16 product, then rescore in fp32 (exact; see
 # _encode_mixed), where the CPU multiplies bf16 natively. MLSAE_MIXED_SELECT=0 turns it off.
@@ -167,7 +168,7 @@ def _encode_chunks(x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, auxk: int
         if aux_mask is None and x.dtype == torch.float32 and _native(W):
             if dtype == torch.float32 and MIXED_SELECT and native.fast_bf16() and W.shape[0] >= 8 * k:
                 return _encode_mixed(x, W, b, k)
-            if W.shape[0] > 2 * LATENT_BLOCK:
+            if W.shape[0] > TILED_MIN_LATENTS:
                 out = _encode_tiles(x, W, b, k)
                 if out is not None:
                     return out
@@ -188,7 +189,7 @@ def _encode_mixed(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor
     W16 = _buffer("W_mixed", W.shape, torch.bfloat16, x.device).copy_(W)
     w_max = float(torch.linalg.vector_norm(W, dim=1).max())
     slack = 2**-7 + 2**-15 + 2 * d * 2**-24  # inputs' rounding, then fp32 sums (ours and the product's)
-    n_blocks = -(-n_latents // LATENT_BLOCK) if n_latents > 2 * LATENT_BLOCK else 1
+    n_blocks = -(-n_latents // LATENT_BLOCK) if n_latents > TILED_MIN_LATENTS else 1
     block = max(-(-n_latents // n_blocks), n_cand)
     rows = max(16, TILE_BYTES // (block * 2))
     buf = _buffer("tile", (min(rows, n) * block,), torch.bfloat16, x.device)

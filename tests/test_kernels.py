@@ -168,6 +168,7 @@ def test_tiles_give_the_same_result(path, monkeypatch, bf16):
 
     whole = run()
     monkeypatch.setattr(kernels, "LATENT_BLOCK", 150)  # 7 blocks of 143, the last one of 142
+    monkeypatch.setattr(kernels, "TILED_MIN_LATENTS", 300)
     monkeypatch.setattr(kernels, "TILE_BYTES", 64 * 143 * 4)  # 64 vectors per tile, a ragged last one
     monkeypatch.setattr(kernels, "SPAN_ROWS", 110)  # 3 spans of vectors
     for a, b in zip(run(), whole):  # sums in another order: fp32 rounding
@@ -285,6 +286,25 @@ def test_native_scatter_and_decode_backward():
 
 
 @native_only
+def test_native_scatters_do_not_depend_on_threads():
+    """Entries are summed in their original order whatever the thread count (1 vs 2 processes agree)."""
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(999, 8, generator=g), torch.randn(999, 24, generator=g)
+    W = torch.randn(70, 24, generator=g)
+    idx = torch.randint(0, 70, (999, 8), generator=g)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append((*native.scatter_rows(w, idx, x, 70, with_sum=True), *native.decode_backward(w, idx, x, W)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@native_only
 def test_native_project_and_standardize():
     g = torch.Generator().manual_seed(1)
     grad, w = torch.randn(30, 70, generator=g), torch.randn(30, 70, generator=g)
@@ -378,7 +398,7 @@ def test_decoder_gradient_projection_paths_agree(monkeypatch):
     assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-6
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.gpu
 def test_cuda_matches_naive():
     x, W_enc, W_dec = (t.detach().cuda().requires_grad_() for t in params(n=128, d=32, f=256, seed=8))
     topk, _ = topk_encode(x, W_enc, 8)

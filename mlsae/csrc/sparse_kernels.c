@@ -367,21 +367,41 @@ static inline void accumulate_rows(float* o, const float* a, const int64_t* rows
 
 /* Counting sort of the n*k entries by latent: entries of latent f are q in [start[f], start[f+1]),
  * each with its vector rows[q] = e / k, weight weights[q] = w[e] and (when not NULL) entry[q] = e,
- * in their original order. start[] has F+1 slots. Serial: O(n*k), small next to the row work. */
+ * in their original order. start[] has F+1 slots. In parallel: each thread counts, then places,
+ * its own contiguous range of entries, after the ranges of the threads before it. */
 static void bucket_by_latent(const float* w, const int64_t* idx, int64_t n, int64_t k, int64_t F,
-                             int64_t* rows, float* weights, int64_t* entry, int64_t* start) {
+                             int64_t* rows, float* weights, int64_t* entry, int64_t* start, int nthreads) {
     int64_t nnz = n * k;
-    memset(start, 0, sizeof(int64_t) * (F + 1));
-    for (int64_t e = 0; e < nnz; e++) start[idx[e] + 1]++;
-    for (int64_t f = 0; f < F; f++) start[f + 1] += start[f];
-    for (int64_t e = 0; e < nnz; e++) {
-        int64_t q = start[idx[e]]++;
-        rows[q] = e / k;
-        weights[q] = w[e];
-        if (entry) entry[q] = e;
+    int T = nthreads < 1 ? 1 : nthreads;
+    int64_t* next = calloc((size_t)T * F, sizeof(int64_t)); /* per thread: counts, then positions */
+#pragma omp parallel num_threads(T)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t e0 = nnz * t / nt, e1 = nnz * (t + 1) / nt;
+        int64_t* mine = next + (int64_t)t * F;
+        for (int64_t e = e0; e < e1; e++) mine[idx[e]]++;
+#pragma omp barrier
+#pragma omp single
+        {
+            int64_t q = 0;
+            for (int64_t f = 0; f < F; f++) {
+                start[f] = q;
+                for (int u = 0; u < nt; u++) {
+                    int64_t c = next[(int64_t)u * F + f];
+                    next[(int64_t)u * F + f] = q;
+                    q += c;
+                }
+            }
+            start[F] = q;
+        }
+        for (int64_t e = e0; e < e1; e++) {
+            int64_t q = mine[idx[e]]++;
+            rows[q] = e / k;
+            weights[q] = w[e];
+            if (entry) entry[q] = e;
+        }
     }
-    for (int64_t f = F; f > 0; f--) start[f] = start[f - 1];
-    start[0] = 0;
+    free(next);
 }
 
 /* Prefetch the first rows of latent f's entries (the hardware cannot guess random rows). */
@@ -397,7 +417,7 @@ static inline void prefetch_entries(const float* X, const int64_t* rows, const i
 void mlsae_scatter_rows(const float* w, const int64_t* idx, const float* X, int64_t n, int64_t k,
                         int64_t d, int64_t F, float* out, float* wsum, int64_t* rows,
                         float* weights, int64_t* start, int nthreads) {
-    bucket_by_latent(w, idx, n, k, F, rows, weights, NULL, start);
+    bucket_by_latent(w, idx, n, k, F, rows, weights, NULL, start, nthreads);
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 64)
     for (int64_t f = 0; f < F; f++) {
         int64_t q0 = start[f], m = start[f + 1] - q0;
@@ -447,7 +467,7 @@ void mlsae_decode_backward(const float* v, const int64_t* idx, const float* G, c
                            int64_t n, int64_t k, int64_t d, int64_t F, float* grad_W,
                            float* grad_v, int64_t* rows, float* weights, int64_t* entry,
                            int64_t* start, int nthreads) {
-    bucket_by_latent(v, idx, n, k, F, rows, weights, entry, start);
+    bucket_by_latent(v, idx, n, k, F, rows, weights, entry, start, nthreads);
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 64)
     for (int64_t f = 0; f < F; f++) {
         int64_t q0 = start[f], q1 = start[f + 1];
