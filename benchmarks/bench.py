@@ -1,7 +1,8 @@
 """Training-step benchmark: mlsae side by side with EleutherAI sparsify, SAELens and a plain GEMM.
 
-One process, identical random inputs, same d, n_latents, k and batch, rounds interleaved (so
-that the machine's background load hits every contestant alike):
+One process, identical random inputs (a fresh batch each step, the same sequence for everyone),
+same d, n_latents, k and batch, rounds interleaved (so that the machine's background load hits
+every contestant alike):
 
 - ``mlsae``: MLSAE.loss + backward + decoder-gradient projection + fused Adam + renormalisation
   + dead-latent bookkeeping, as mlsae.train runs it;
@@ -48,7 +49,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(576, 4608, 32), (512, 32768, 32)]  # SmolLM2 x8, Pythia-70m x64
-Step = Callable[[], None]
+Step = Callable[[torch.Tensor], None]  # one training step on a batch [B, d]
 
 
 # ----------------------------------------------------------------------------- contestants
@@ -62,13 +63,10 @@ def make_mlsae(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
     from mlsae.model import MLSAE, SAEConfig
 
     sae = MLSAE(SAEConfig(n_inputs=x.shape[1], n_latents=n, k=k)).to(x.device).train()
-    fused = x.device.type == "cpu"  # as mlsae.train.make_runs
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, eps=6.25e-10, fused=fused)
-    layers = x.unsqueeze(0)  # [L=1, N, d]: any L*N = batch costs the same
-
-    def step() -> None:
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, eps=6.25e-10, fused=True)  # as mlsae.train.make_runs
+    def step(x: torch.Tensor) -> None:
         with autocast(x.device, bf16):
-            out = sae.loss(layers)
+            out = sae.loss(x.unsqueeze(0))  # [L=1, N, d]: any L*N = batch costs the same
         out.loss.backward()
         out.loss.item()  # the trainer logs it
         fired = sae.fired(out.topk)
@@ -93,7 +91,7 @@ def make_sparsify(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
     did_fire = torch.zeros(n, dtype=torch.bool, device=x.device)
     since_fired = torch.zeros(n, dtype=torch.long, device=x.device)
 
-    def step() -> None:  # sparsify.trainer.Trainer.fit, one hookpoint, loss_fn="fvu", auxk_alpha=0
+    def step(x: torch.Tensor) -> None:  # sparsify.trainer.Trainer.fit, one hookpoint, loss_fn="fvu", auxk_alpha=0
         sae.set_decoder_norm_to_unit_norm()
         total_variance = (x - x.mean(0)).pow(2).sum()
         with autocast(x.device, bf16):
@@ -122,14 +120,13 @@ def make_saelens(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
         lr=3e-4, lr_end=3e-5,
     )
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
-    return lambda: trainer._train_step(sae, x)
+    return lambda x: trainer._train_step(sae, x)
 
 
 def make_gemm(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
     dtype = torch.bfloat16 if bf16 else torch.float32
-    a = x.to(dtype)
     W = (torch.randn(n, x.shape[1], device=x.device) / x.shape[1] ** 0.5).to(dtype)
-    return lambda: a @ W.T
+    return lambda x: x @ W.T  # x comes in its dtype already (see bench_config): the product alone
 
 
 CONTESTANTS: dict[str, Callable[..., Step]] = {
@@ -146,7 +143,7 @@ class Clock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
 
-    def __call__(self, fn: Step) -> float:
+    def __call__(self, fn: Callable[[], object]) -> float:
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -162,24 +159,28 @@ class Clock:
 def bench_config(d: int, n: int, k: int, batch: int, bf16: bool, device: torch.device, names: list[str],
                  warmup: int, rounds: int) -> list[dict]:
     """Median seconds per step of each contestant, rounds interleaved; one record per contestant."""
-    torch.manual_seed(0)
-    x = torch.randn(batch, d, device=device)
+    # A fresh batch every step, the same sequence for every contestant: an SAE trains on new
+    # vectors each step (a batch seen again and again is memorised, which is not training).
+    g = torch.Generator(device=device).manual_seed(0)
+    batches = [torch.randn(batch, d, device=device, generator=g) for _ in range(warmup + rounds)]
     steps: dict[str, Step] = {}
     errors: dict[str, str] = {}
     for name in names:
         torch.manual_seed(0)
         try:
-            steps[name] = CONTESTANTS[name](x, n, k, bf16)
-            for _ in range(warmup):
-                steps[name]()
+            steps[name] = CONTESTANTS[name](batches[0], n, k, bf16)
+            for x in batches[:warmup]:
+                steps[name](x.to(torch.bfloat16) if name == "gemm" and bf16 else x)
         except ImportError as e:
             errors[name] = f"not installed ({e.name}): run `make bench`"
             steps.pop(name, None)
     clock = Clock(device)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
+    low = [x.to(torch.bfloat16) for x in batches] if bf16 else batches  # the GEMM's inputs, cast beforehand
+    for r in range(warmup, warmup + rounds):
         for name, step in steps.items():
-            times[name].append(clock(step))
+            x = low[r] if name == "gemm" else batches[r]
+            times[name].append(clock(lambda: step(x)))
     del steps
     gc.collect()
     records = []

@@ -22,6 +22,7 @@ not for concurrent calls from several threads.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,7 @@ from mlsae import native
 # Bytes of pre-activations per chunk of vectors on the row-chunk path: W_enc is read once per
 # chunk, so chunks must be large for large F; the buffer is reused across steps.
 CHUNK_BYTES = int(os.environ.get("MLSAE_CHUNK_BYTES", 64 << 20))
+GPU_CHUNK_BYTES = int(os.environ.get("MLSAE_GPU_CHUNK_BYTES", 1 << 30))  # fewer, larger products on a GPU
 # The tiled path (native TopK, no AuxK): latents per block and bytes per tile (cache-sized).
 # Measured: below ~8k latents one product per chunk of vectors is as fast or faster.
 LATENT_BLOCK = int(os.environ.get("MLSAE_LATENT_BLOCK", 2048))
@@ -87,8 +89,9 @@ def _topk_relu(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values.to(torch.promote_types(values.dtype, torch.float32)).relu_(), indices
 
 
-def _chunk_rows(n_latents: int, itemsize: int) -> int:
-    return max(16, CHUNK_BYTES // (n_latents * itemsize))
+def _chunk_rows(n_latents: int, itemsize: int, device: torch.device) -> int:
+    budget = GPU_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES
+    return max(16, budget // (n_latents * itemsize))
 
 
 _buffers: dict[tuple, Tensor] = {}
@@ -104,30 +107,42 @@ def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     return buf[:size].view(shape)
 
 
-def scatter_rows(weights: Tensor, indices: Tensor, x: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
-    """``sum_{(i,j): indices[i,j]==f} weights[i,j] * x[i]`` as a dense [F, d], and ``sum weights`` per f [F].
-
-    Never materialises the [N*k, d] outer products.
+def scatter_rows(weights: Tensor, indices: Tensor, x: Tensor, n_latents: int, shift: Tensor | None = None,
+                 check: bool = True) -> tuple[Tensor, Tensor]:
+    """``sum_{(i,j): indices[i,j]==f} weights[i,j] * (x[i] - shift)`` as a dense [F, d], and
+    ``sum weights`` per f [F] (fp32 for bf16 x). Never materialises the [N*k, d] outer products
+    (nor x - shift). ``check=False`` skips the range check of indices made by the encoder itself.
     """
-    weights = weights.to(x.dtype).contiguous()
-    if x.dtype == torch.float32 and _native(weights, indices, x):
+    low = x.dtype in (torch.bfloat16, torch.float16)
+    weights = weights.to(torch.float32 if low else x.dtype).contiguous()
+    if x.dtype in (torch.float32, torch.bfloat16) and _native(weights, indices, x) and (
+        shift is None or shift.dtype == torch.float32
+    ):
+        if check:
+            _check_indices(indices, n_latents)
+        return native.scatter_rows(weights, indices, x, n_latents, True, None if shift is None else shift.contiguous())
+    if low:
+        x = x.float()
+    if check:
         _check_indices(indices, n_latents)
-        out, wsum = native.scatter_rows(weights, indices, x, n_latents, with_sum=True)
-        return out, wsum
-    n, k = indices.shape
-    rows = torch.arange(n, device=x.device).repeat_interleave(k)
-    flat = indices.reshape(-1)
-    sparse = torch.sparse_coo_tensor(
-        torch.stack([flat, rows]), weights.reshape(-1), (n_latents, n), check_invariants=False
-    )
-    wsum = torch.zeros(n_latents, dtype=x.dtype, device=x.device).index_add_(0, flat, weights.reshape(-1))
-    return torch.sparse.mm(sparse, x), wsum
+    # Sorted by latent, each latent's entries are one bag of rows of x: a weighted embedding_bag
+    # sums them (no [N*k, d] temporaries, no sparse coalescing, no host sync on a GPU).
+    flat, weights = indices.reshape(-1), weights.reshape(-1)
+    latents, order = flat.sort()
+    offsets = torch.searchsorted(latents, torch.arange(n_latents, device=x.device))
+    out = F.embedding_bag(order // indices.shape[1], x, offsets, mode="sum", per_sample_weights=weights[order])
+    wsum = torch.zeros(n_latents, dtype=x.dtype, device=x.device).index_add_(0, flat, weights)
+    if shift is not None:
+        out.addr_(wsum, shift.to(out.dtype), alpha=-1)
+    return out, wsum
 
 
 def _check_indices(indices: Tensor, n_latents: int) -> None:
     """The C kernels trust their indices; out-of-range ones must fail here, as PyTorch's ops would."""
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_latents):
-        raise IndexError(f"latent indices out of range [0, {n_latents})")
+    if indices.numel():
+        low, high = torch.aminmax(indices)
+        if int(low) < 0 or int(high) >= n_latents:
+            raise IndexError(f"latent indices out of range [0, {n_latents})")
 
 
 # ----------------------------------------------------------------------------- encode
@@ -140,16 +155,21 @@ class _TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, auxk: int, aux_mask: Tensor | None):
-        outputs = _encode_chunks(x, W_enc, b, k, auxk, aux_mask)
-        ctx.save_for_backward(x, W_enc, b, *outputs)
+    def forward(ctx, x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, auxk: int, aux_mask: Tensor | None,
+                x_low: Tensor | None):
+        u_low = x_low if x_low is not None else _low_precision_input(x, b)
+        outputs = _encode_chunks(x, W_enc, b, k, auxk, aux_mask, u_low)
+        ctx.save_for_backward(x, W_enc, b, u_low, *outputs)
         ctx.mark_non_differentiable(*outputs[1::2])
+        ctx.set_materialize_grads(False)  # unused outputs get None, not zeros
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, grad_values, _grad_indices, grad_aux=None, _grad_aux_indices=None):
-        x, W_enc, b, values, indices, *aux = ctx.saved_tensors
-        grad = grad_values * (values > 0)
+        x, W_enc, b, u_low, values, indices, *aux = ctx.saved_tensors
+        if grad_values is None and grad_aux is None:
+            return None, None, None, None, None, None, None
+        grad = torch.zeros_like(values) if grad_values is None else grad_values * (values > 0)
         if aux and grad_aux is not None:
             grad = torch.cat([grad, grad_aux * (aux[0] > 0)], dim=-1)
             indices = torch.cat([indices, aux[1]], dim=-1)
@@ -157,27 +177,49 @@ class _TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad.to(W_enc.dtype), mode="sum").to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_W, per_latent = scatter_rows(grad, indices, x, W_enc.shape[0])
-            if b is not None:
-                grad_W.addr_(per_latent.to(grad_W.dtype), b.to(grad_W.dtype), alpha=-1)  # x - b, not x
-                grad_b = -(per_latent.to(W_enc.dtype) @ W_enc) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_W, grad_b, None, None, None
+            if u_low is not None:  # under autocast, from the product's own inputs (as autocast's linear does)
+                grad_W, per_latent = scatter_rows(grad, indices, u_low, W_enc.shape[0], check=False)
+            else:  # the encoder saw x - b
+                shift = None if b is None else b.detach().to(x.dtype)
+                grad_W, per_latent = scatter_rows(grad, indices, x, W_enc.shape[0], shift, check=False)
+            grad_W = grad_W.to(W_enc.dtype)
+            if b is not None and ctx.needs_input_grad[2]:
+                grad_b = -(per_latent.to(W_enc.dtype) @ W_enc)
+        return grad_x, grad_W, grad_b, None, None, None, None
 
 
 @torch.no_grad()
-def _encode_chunks(x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, auxk: int, aux_mask: Tensor | None) -> list[Tensor]:
-    """[values, indices] (+ [aux_values, aux_indices]) of every vector, without an [N, F] product."""
+def _low_precision_input(x: Tensor, b: Tensor | None) -> Tensor | None:
+    """``x - b`` in the autocast dtype when that is below x's (the encoder product's input, kept
+    for the weight gradient), else None."""
+    dtype = gemm_dtype(x)
+    if dtype not in (torch.bfloat16, torch.float16) or x.dtype == dtype:
+        return None
+    with torch.autocast(x.device.type, enabled=False):
+        return x.to(dtype) if b is None else torch.sub(x, b.detach(), out=torch.empty_like(x, dtype=dtype))
+
+
+@torch.no_grad()
+def _encode_chunks(x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, auxk: int, aux_mask: Tensor | None,
+                   u_low: Tensor | None = None) -> list[Tensor]:
+    """[values, indices] (+ [aux_values, aux_indices]) of every vector, without an [N, F] product.
+
+    ``u_low``: ``x - b`` already in the product's dtype, when lower than fp32."""
     dtype = gemm_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         W = W_enc.detach() if W_enc.dtype == dtype else _buffer("W", W_enc.shape, dtype, x.device).copy_(W_enc)
+
+        def inputs(r0: int, r1: int) -> Tensor:  # (x - b)[r0:r1] in the product's dtype
+            return u_low[r0:r1] if u_low is not None else _shifted(x[r0:r1], b, dtype)
+
         if aux_mask is None and x.dtype == torch.float32 and _native(W):
             if dtype == torch.float32 and MIXED_SELECT and native.fast_bf16() and W.shape[0] >= 8 * k:
                 return _encode_mixed(x, W, b, k)
             if W.shape[0] > TILED_MIN_LATENTS:
-                out = _encode_tiles(x, W, b, k)
+                out = _encode_tiles(inputs, x.shape[0], W, k)
                 if out is not None:
                     return out
-        return _encode_rows(x, W, b, k, auxk, aux_mask)
+        return _encode_rows(inputs, x, W, k, auxk, aux_mask)
 
 
 def _encode_mixed(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor]:
@@ -185,62 +227,73 @@ def _encode_mixed(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor
 
     The bf16 product ranks each vector's latents; its 3k best are rescored in fp32, and an error
     bound (inputs rounded to bf16: 2^-7 |u| |W_f| at most; outputs: 2^-7 of their size) proves
-    that no other latent can be in the fp32 TopK. Rows it cannot prove (near-ties across 3k
-    latents) are computed in fp32. Same latents and values as the fp32 product, up to fp32 rounding.
+    that no other latent can be in the fp32 TopK. Rows it cannot prove (near-ties across the
+    candidates, more as training sharpens the latents) get a second round with 16k candidates,
+    and what remains is computed in fp32. Same latents and values as the fp32 product, up to
+    fp32 rounding.
     """
     n, d = x.shape
     n_latents = W.shape[0]
-    n_cand = min(n_latents, 3 * k)
     W16 = _buffer("W_mixed", W.shape, torch.bfloat16, x.device).copy_(W)
-    w_max = float(torch.linalg.vector_norm(W, dim=1).max())
-    slack = 2**-7 + 2**-15 + 2 * d * 2**-24  # inputs' rounding, then fp32 sums (ours and the product's)
-    n_blocks = -(-n_latents // LATENT_BLOCK) if n_latents > TILED_MIN_LATENTS else 1
-    block = max(-(-n_latents // n_blocks), n_cand)
-    rows = max(16, TILE_BYTES // (block * 2))
-    buf = _buffer("tile", (min(rows, n) * block,), torch.bfloat16, x.device)
+    error_per_norm = (2**-7 + 2**-15 + 2 * d * 2**-24) * float(torch.linalg.vector_norm(W, dim=1).max())
     values = torch.empty(n, k, dtype=torch.float32, device=x.device)
     indices = torch.empty(n, k, dtype=torch.long, device=x.device)
     for s0 in range(0, n, SPAN_ROWS):
         s1 = min(s0 + SPAN_ROWS, n)
         u = _shifted(x[s0:s1], b, torch.float32)
         u16 = _buffer("u_gemm", u.shape, torch.bfloat16, x.device).copy_(u)
-        state = native.TopKState(s1 - s0, n_cand)
-        failed = 0
-        for c0 in range(0, n_latents, block):
-            W_block = W16[c0 : c0 + block]
-            for r0 in range(0, s1 - s0, rows):
-                r1 = min(r0 + rows, s1 - s0)
-                tile = torch.mm(u16[r0:r1], W_block.T, out=buf[: (r1 - r0) * len(W_block)].view(r1 - r0, -1))
-                failed += state.add(tile, c0, slice(r0, r1))
-        error = torch.linalg.vector_norm(u, dim=1).mul_(slack * w_max)
-        if failed:  # NaN somewhere: no bound holds, every row of the span in fp32
-            error.fill_(float("nan"))
-        cand_values, cand_indices = state.finish(relu=False)
-        v, i, unsettled = native.rescore(cand_values, cand_indices, k, n_latents, error, u, W)
-        if unsettled.any():
-            rows_left = unsettled.nonzero().flatten()
-            v[rows_left], i[rows_left] = _topk_relu(u[rows_left] @ W.T, k)
+        error = torch.linalg.vector_norm(u, dim=1).mul_(error_per_norm)
+        v, i, left = _mixed_round(u, u16, error, W, W16, k, min(n_latents, 3 * k))
+        if left.any():  # a second round, wider, for the rows the first could not settle
+            rows = left.nonzero().flatten()
+            v2, i2, left2 = _mixed_round(u[rows], u16[rows], error[rows], W, W16, k, min(n_latents, 16 * k))
+            if left2.any():
+                rows2 = left2.nonzero().flatten()
+                v2[rows2], i2[rows2] = _topk_relu(u[rows[rows2]] @ W.T, k)
+            v[rows], i[rows] = v2, i2
         values[s0:s1], indices[s0:s1] = v, i
     return [values, indices]
 
 
-def _encode_tiles(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor] | None:
+def _mixed_round(u: Tensor, u16: Tensor, error: Tensor, W: Tensor, W16: Tensor, k: int, n_cand: int,
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """One round of _encode_mixed over the rows of ``u``: (values, indices, rows left unsettled)."""
+    n, n_latents = u.shape[0], W.shape[0]
+    n_blocks = -(-n_latents // LATENT_BLOCK) if n_latents > TILED_MIN_LATENTS else 1
+    block = max(-(-n_latents // n_blocks), n_cand)
+    rows = max(16, TILE_BYTES // (block * 2))
+    buf = _buffer("tile", (min(rows, n) * block,), torch.bfloat16, u.device)
+    state = native.TopKState(n, n_cand)
+    failed = 0
+    for c0 in range(0, n_latents, block):
+        W_block = W16[c0 : c0 + block]
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            tile = torch.mm(u16[r0:r1], W_block.T, out=buf[: (r1 - r0) * len(W_block)].view(r1 - r0, -1))
+            failed += state.add(tile, c0, slice(r0, r1))
+    if failed:  # NaN somewhere: no bound holds, every row left to fp32
+        error = torch.full_like(error, float("nan"))
+    cand_values, cand_indices = state.finish(relu=False)
+    return native.rescore(cand_values, cand_indices, k, n_latents, error, u.contiguous(), W)
+
+
+def _encode_tiles(inputs: Callable[[int, int], Tensor], n: int, W: Tensor, k: int) -> list[Tensor] | None:
     """TopK of every vector from tiles of the product (a block of latents by a chunk of vectors).
 
     Within a span of vectors, latent blocks go outside, so each block of W_enc is read once while
     ``x - b`` (small) stays in cache; each tile is folded into a running TopK per vector by the C
     kernel while it is still in cache. None on NaN.
     """
-    n, n_latents = x.shape[0], W.shape[0]
+    n_latents = W.shape[0]
     n_blocks = -(-n_latents // LATENT_BLOCK)
     block = max(-(-n_latents // n_blocks), min(k, n_latents))
     rows = max(16, TILE_BYTES // (block * W.element_size()))
-    buf = _buffer("tile", (min(rows, n) * block,), W.dtype, x.device)
+    buf = _buffer("tile", (min(rows, n) * block,), W.dtype, W.device)
     state = native.TopKState(n, k)
     failed = 0
     for s0 in range(0, n, SPAN_ROWS):  # bounds the (x - b) copies for long batches (all layers)
         s1 = min(s0 + SPAN_ROWS, n)
-        u = _shifted(x[s0:s1], b, W.dtype)
+        u = inputs(s0, s1)
         for c0 in range(0, n_latents, block):
             W_block = W[c0 : c0 + block]
             for r0 in range(0, s1 - s0, rows):
@@ -250,7 +303,8 @@ def _encode_tiles(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor
     return None if failed else list(state.finish())
 
 
-def _encode_rows(x: Tensor, W: Tensor, b: Tensor | None, k: int, auxk: int, aux_mask: Tensor | None) -> list[Tensor]:
+def _encode_rows(inputs: Callable[[int, int], Tensor], x: Tensor, W: Tensor, k: int, auxk: int,
+                 aux_mask: Tensor | None) -> list[Tensor]:
     """[values, indices] (+ AuxK's) from chunks of vectors by all latents (the PyTorch path, and AuxK)."""
     dtype = W.dtype
     n, n_latents = x.shape[0], W.shape[0]
@@ -261,11 +315,15 @@ def _encode_rows(x: Tensor, W: Tensor, b: Tensor | None, k: int, auxk: int, aux_
     if k_aux:
         aux_values = torch.empty(n, k_aux, dtype=x.dtype, device=x.device)
         aux_indices = torch.empty(n, k_aux, dtype=torch.long, device=x.device)
-    step = _chunk_rows(n_latents, torch.finfo(dtype).bits // 8)
+    step = _chunk_rows(n_latents, torch.finfo(dtype).bits // 8, x.device)
     buf = _buffer("pre", (min(step, n), n_latents), dtype, x.device)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
-        pre = torch.mm(_shifted(x[rows], b, dtype), W.T, out=buf[: rows.stop - start])
+        pre = torch.mm(inputs(rows.start, rows.stop), W.T, out=buf[: rows.stop - start])
+        if rows.stop - start == n and not k_aux:  # one chunk: no copies
+            values, indices = _topk_relu(pre, k)
+            values = values.to(x.dtype)
+            break
         values[rows], indices[rows] = _topk_relu(pre, k)
         if k_aux:
             aux_values[rows], local = _topk_relu(pre.index_select(1, dead), k_aux)
@@ -276,24 +334,29 @@ def _encode_rows(x: Tensor, W: Tensor, b: Tensor | None, k: int, auxk: int, aux_
 
 
 def _shifted(x: Tensor, b: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """``(x - b)`` in ``dtype``, written into reused buffers."""
+    """``(x - b)`` in ``dtype`` (one rounding), written into a reused buffer."""
     if b is None:
         return x.to(dtype)
-    u = torch.sub(x, b, out=_buffer("u", x.shape, x.dtype, x.device))
-    return u if dtype == x.dtype else _buffer("u_gemm", x.shape, dtype, x.device).copy_(u)
+    return torch.sub(x, b, out=_buffer("u" if dtype == x.dtype else "u_gemm", x.shape, dtype, x.device))
 
 
 def topk_encode(
-    x: Tensor, W_enc: Tensor, k: int, auxk: int = 0, aux_mask: Tensor | None = None, b: Tensor | None = None
+    x: Tensor, W_enc: Tensor, k: int, auxk: int = 0, aux_mask: Tensor | None = None, b: Tensor | None = None,
+    x_low: Tensor | None = None,
 ) -> tuple[TopK, TopK | None]:
     """Encode ``x - b`` (``x [N, d]``, ``b [d]`` or None) with ``W_enc [F, d]``: TopK over all latents,
     and TopK over the ``aux_mask`` latents.
 
     ``aux_mask`` ([F] bool, e.g. the dead latents) switches on the auxiliary selection, which has
     ``min(auxk, number of masked latents)`` entries per vector (None when the mask is empty).
+    ``x_low``: ``x - b`` already in the autocast dtype, if the caller has it (saves a pass).
+    Under autocast the weight gradient uses the product's own low-precision inputs, as
+    autocast's linear layers do.
     """
-    use_aux = aux_mask is not None and auxk > 0 and bool(aux_mask.any())
-    out = _TopKEncode.apply(x.contiguous(), W_enc, b, k, auxk, aux_mask if use_aux else None)
+    use_aux = aux_mask is not None and auxk > 0  # an empty mask costs a slower path, not an error
+    if x_low is not None and x_low.dtype != gemm_dtype(x):
+        x_low = None
+    out = _TopKEncode.apply(x.contiguous(), W_enc, b, k, auxk, aux_mask if use_aux else None, x_low)
     if len(out) == 2:
         return TopK(*out), None
     return TopK(out[0], out[1]), TopK(out[2], out[3])

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from mlsae import native
-from mlsae.kernels import TopK, sparse_decode, topk_encode
+from mlsae.kernels import TopK, gemm_dtype, sparse_decode, topk_encode
 from mlsae.utils import MLSAEError
 
 STD_EPS = 1e-5  # added to the per-token std, as in the reference
@@ -138,16 +138,19 @@ class MLSAE(
         cfg = self.config
         L, N, d = x.shape
         x = x.float().reshape(L * N, d)
+        low = None
         if cfg.standardize:
-            s, sq_norm = _standardize(x)
+            shift = self.b_pre.detach() if gemm_dtype(x) == torch.bfloat16 and self.b_pre.dtype == x.dtype else None
+            s, sq_norm, low = _standardize(x, shift)
             scale, variance = s.scale, _layer_variance(s.mean, sq_norm, L, d)
         else:
             s, scale = Standardized(x, 0.0, 1.0), torch.ones(L * N, 1, device=x.device)
             variance = torch.stack([part.var(unbiased=False) for part in x.view(L, -1)])
         dead = self.dead_mask() if cfg.auxk else None
         use_aux = dead is not None and bool(dead.any())
-        topk, aux = topk_encode(s.x, self.W_enc, cfg.k, cfg.auxk or 0, dead if use_aux else None, b=self.b_pre)
-        mse, error = _ScaledError.apply(sparse_decode(topk, self.W_dec), self.b_pre, s.x, scale, L)
+        topk, aux = topk_encode(s.x, self.W_enc, cfg.k, cfg.auxk or 0, dead if use_aux else None, b=self.b_pre,
+                                x_low=low)
+        mse, error, recon = _ScaledError.apply(sparse_decode(topk, self.W_dec), self.b_pre, s.x, scale, x, L)
         fvu = mse / variance.clamp_min(1e-12)
         loss = fvu.mean()
         auxk_loss = torch.zeros((), device=x.device)
@@ -157,7 +160,7 @@ class MLSAE(
             denom = (residual - residual.mean(0)).pow(2).mean().clamp_min(1e-12)
             auxk_loss = torch.nan_to_num((aux_recon - residual).pow(2).mean() / denom)
             loss = loss + cfg.auxk_coef * auxk_loss
-        recon = (x + error).reshape(L, N, d)  # = (decoded + b_pre) * scale + mean
+        recon = recon.reshape(L, N, d)  # x + error = (decoded + b_pre) * scale + mean
         topk = TopK(*(t.reshape(L, N, -1) for t in topk))
         return Loss(loss, fvu.detach(), auxk_loss, topk, recon)
 
@@ -299,27 +302,31 @@ def repo_id(model_name: str, expansion_factor: int, k: int, *, tfm: bool = False
 class _ScaledError(torch.autograd.Function):
     """Per-layer MSE in the raw space, ``mean(((decoded + b - z) * scale)^2)``, from standardized tensors.
 
-    Returns the MSE [L] and the raw-space error ``recon - x`` [M, d] (detached, for the
-    reconstruction and AuxK); two [M, d] passes forward and two backward, where autograd
+    Returns the MSE [L], the raw-space error ``recon - x`` [M, d] and the reconstruction (both
+    detached, for AuxK and the caller); one [M, d] pass forward and one backward, where autograd
     through the de-standardization would make about ten.
     """
 
     @staticmethod
-    def forward(ctx, decoded: Tensor, b: Tensor, z: Tensor, scale: Tensor, n_layers: int):
-        ctx.native = _all_native(decoded, b, z, scale)
+    def forward(ctx, decoded: Tensor, b: Tensor, z: Tensor, scale: Tensor, x: Tensor, n_layers: int):
+        ctx.native = _all_native(decoded, b, z, scale, x)
         if ctx.native:
-            error, per_row = native.scaled_error(decoded, b.detach(), z, scale)
+            error, recon, per_row = native.scaled_error(decoded, b.detach(), z, scale, x)
             mse = per_row.view(n_layers, -1).sum(1) / (error.numel() // n_layers)
         else:
             error = torch.add(decoded, b).sub_(z).mul_(scale)
+            recon = x + error
             mse = torch.linalg.vector_norm(error.view(n_layers, -1), dim=1).square_() / (error.numel() // n_layers)
         ctx.save_for_backward(error, scale)
-        ctx.mark_non_differentiable(error)
+        ctx.mark_non_differentiable(error, recon)
+        ctx.set_materialize_grads(False)  # no [M, d] zeros for the two non-differentiable outputs
         ctx.n_layers = n_layers
-        return mse, error
+        return mse, error, recon
 
     @staticmethod
-    def backward(ctx, grad_mse: Tensor, _grad_error: Tensor):
+    def backward(ctx, grad_mse: Tensor | None, _grad_error: None, _grad_recon: None):
+        if grad_mse is None:
+            return None, None, None, None, None, None
         error, scale = ctx.saved_tensors
         per_layer = grad_mse * (2 / (error.numel() // ctx.n_layers))
         row_weight = (scale.view(ctx.n_layers, -1) * per_layer[:, None]).reshape(-1)
@@ -328,26 +335,28 @@ class _ScaledError(torch.autograd.Function):
         else:
             grad = error * row_weight[:, None]
             grad_b = grad.sum(0)
-        return grad, grad_b if ctx.needs_input_grad[1] else None, None, None, None
+        return grad, grad_b if ctx.needs_input_grad[1] else None, None, None, None, None
 
 
 def _all_native(*tensors: Tensor) -> bool:
     return all(t.dtype == torch.float32 for t in tensors) and native.usable(*tensors)
 
 
-def _standardize(x: Tensor) -> tuple[Standardized, Tensor]:
+def _standardize(x: Tensor, shift: Tensor | None = None) -> tuple[Standardized, Tensor, Tensor | None]:
     """Per-token standardization of ``x [..., d]``, and each token's squared norm after centering.
 
-    Two-pass std through a norm: PyTorch's var/std kernels run ~10x slower on CPU.
+    Two-pass std through a norm: PyTorch's var/std kernels run ~10x slower on CPU. With ``shift``
+    and the C kernels, also ``bf16(z - shift)`` from the same pass (the encoder's input under bf16
+    autocast), else None.
     """
     if x.dim() == 2 and x.dtype == torch.float32 and native.usable(x):
-        z, mean, scale, sq_norm = native.standardize(x, STD_EPS)
-        return Standardized(z, mean, scale), sq_norm
+        z, mean, scale, sq_norm, low = native.standardize(x, STD_EPS, shift)
+        return Standardized(z, mean, scale), sq_norm, low
     mean = x.mean(-1, keepdim=True)
     centered = x - mean
     sq_norm = torch.linalg.vector_norm(centered, dim=-1, keepdim=True).square_()
     scale = sq_norm.sqrt().div_(math.sqrt(max(x.shape[-1] - 1, 1))).add_(STD_EPS)
-    return Standardized(centered.div_(scale), mean, scale), sq_norm
+    return Standardized(centered.div_(scale), mean, scale), sq_norm, None
 
 
 def _layer_variance(mean: Tensor, sq_norm: Tensor, n_layers: int, n_features: int) -> Tensor:

@@ -34,11 +34,11 @@ SIGNATURES = {
     "mlsae_topk_block": ([_P, _INT, _I64, _I64, _I64, _I64, _I64, _I64, _INT, _P, _P, _P, _P, _INT], _I64),
     "mlsae_topk_finish": ([_P, _P, _P, _I64, _I64, _INT, _P, _P, _INT], None),
     "mlsae_rescore": ([_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _INT], _I64),
-    "mlsae_scatter_rows": ([_P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _INT], None),
+    "mlsae_scatter_rows": ([_P, _P, _P, _INT, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT], None),
     "mlsae_decode_backward": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT], None),
     "mlsae_project_rows": ([_P, _P, _I64, _I64, _INT], None),
-    "mlsae_standardize": ([_P, _I64, _I64, ctypes.c_float, _P, _P, _P, _P, _INT], None),
-    "mlsae_scaled_error": ([_P, _P, _P, _P, _I64, _I64, _P, _P, _INT], None),
+    "mlsae_standardize": ([_P, _I64, _I64, ctypes.c_float, _P, _P, _P, _P, _P, _P, _INT], None),
+    "mlsae_scaled_error": ([_P, _P, _P, _P, _P, _I64, _I64, _P, _P, _P, _INT], None),
     "mlsae_scaled_error_backward": ([_P, _P, _I64, _I64, _P, _P, _P, _INT], None),
     "mlsae_gather_dot": ([_P, _P, _P, _I64, _I64, _I64, _P, _INT], None),
     "mlsae_gather_sum": ([_P, _P, _P, _I64, _I64, _I64, _P, _INT], None),
@@ -206,18 +206,49 @@ def rescore(values: Tensor, indices: Tensor, k: int, n_latents: int, error: Tens
     return out_v, out_i, flag.bool()
 
 
-def scatter_rows(w: Tensor, indices: Tensor, X: Tensor, n_rows: int, with_sum: bool = False) -> tuple[Tensor, Tensor | None]:
-    """``out[f] = sum over (i, j) with indices[i, j] == f of w[i, j] * X[i]``: [n_rows, d] (and the sums of w)."""
+class _Buckets:
+    """The latest decode backward's counting sort of its indices, for the encoder's scatter.
+
+    The decoder and the encoder of a step share the TopK indices, and the encoder's backward runs
+    right after the decoder's; one slot, matched on the very same data (the tensor is held, so its
+    memory cannot be reused meanwhile) and its version counter, used once.
+    """
+
+    slot: tuple | None = None
+
+    @classmethod
+    def keep(cls, indices: Tensor, n_rows: int, rows: Tensor, entry: Tensor, start: Tensor) -> None:
+        cls.slot = (indices, indices._version, n_rows, rows, entry, start)
+
+    @classmethod
+    def take(cls, indices: Tensor, n_rows: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        slot, cls.slot = cls.slot, None
+        if slot is None:
+            return None
+        kept, version, kept_rows, rows, entry, start = slot
+        same = (kept.data_ptr() == indices.data_ptr() and kept.shape == indices.shape and kept.stride() == indices.stride()
+                and kept._version == version == indices._version and kept_rows == n_rows)
+        return (rows, entry, start) if same else None
+
+
+def scatter_rows(w: Tensor, indices: Tensor, X: Tensor, n_rows: int, with_sum: bool = False,
+                 shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """``out[f] = sum over (i, j) with indices[i, j] == f of w[i, j] * (X[i] - shift)``: [n_rows, d]
+    (and the sums of w). X is fp32 or bf16."""
     n, k = indices.shape
     d = X.shape[1]
     out = torch.empty(n_rows, d, dtype=torch.float32)
     wsum = torch.empty(n_rows, dtype=torch.float32) if with_sum else None
-    rows = torch.empty(n * k, dtype=torch.int64)
     weights = torch.empty(n * k, dtype=torch.float32)
-    start = torch.empty(n_rows + 1, dtype=torch.int64)
+    buckets = _Buckets.take(indices, n_rows)
+    if buckets is None:
+        rows, entry, start = torch.empty(n * k, dtype=torch.int64), None, torch.empty(n_rows + 1, dtype=torch.int64)
+    else:
+        rows, entry, start = buckets
     lib().mlsae_scatter_rows(
-        _ptr(w), _ptr(indices), _ptr(X), n, k, d, n_rows, _ptr(out), _ptr(wsum) if with_sum else None,
-        _ptr(rows), _ptr(weights), _ptr(start), _threads(),
+        _ptr(w), _ptr(indices), _ptr(X), int(X.dtype == torch.bfloat16), _ptr(shift) if shift is not None else None,
+        n, k, d, n_rows, _ptr(out), _ptr(wsum) if with_sum else None, _ptr(rows), _ptr(weights), _ptr(start),
+        _ptr(entry) if entry is not None else None, _threads(),
     )
     return out, wsum
 
@@ -235,6 +266,7 @@ def decode_backward(values: Tensor, indices: Tensor, grad_out: Tensor, W: Tensor
         _ptr(values), _ptr(indices), _ptr(grad_out), _ptr(W), n, k, d, n_rows, _ptr(grad_W), _ptr(grad_v),
         _ptr(rows), _ptr(weights), _ptr(entry), _ptr(start), _threads(),
     )
+    _Buckets.keep(indices, n_rows, rows, entry, start)
     return grad_W, grad_v
 
 
@@ -259,22 +291,28 @@ def project_rows(g: Tensor, w: Tensor) -> None:
     lib().mlsae_project_rows(_ptr(g), _ptr(w), g.shape[0], g.shape[1], _threads())
 
 
-def standardize(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-row ``(z, mean, scale, sq_norm)`` of ``x [n, d]``: z = (x - mean) / (std + eps), as one pass."""
+def standardize(x: Tensor, eps: float, shift: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Per-row ``(z, mean, scale, sq_norm, low)`` of ``x [n, d]``: z = (x - mean) / (std + eps), in one
+    pass; with ``shift [d]``, low = bf16(z - shift) (the encoder's input under bf16 autocast), else None."""
     n, d = x.shape
     z = torch.empty_like(x)
     mean, scale, sq_norm = torch.empty(3, n, 1)
-    lib().mlsae_standardize(_ptr(x), n, d, eps, _ptr(z), _ptr(mean), _ptr(scale), _ptr(sq_norm), _threads())
-    return z, mean, scale, sq_norm
+    low = torch.empty(n, d, dtype=torch.bfloat16) if shift is not None else None
+    lib().mlsae_standardize(_ptr(x), n, d, eps, _ptr(z), _ptr(mean), _ptr(scale), _ptr(sq_norm),
+                            _ptr(shift) if shift is not None else None, _ptr(low) if low is not None else None,
+                            _threads())
+    return z, mean, scale, sq_norm, low
 
 
-def scaled_error(decoded: Tensor, b: Tensor, z: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """``err = (decoded + b - z) * scale`` [n, d] and each row's ``|err|^2`` [n]."""
+def scaled_error(decoded: Tensor, b: Tensor, z: Tensor, scale: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``err = (decoded + b - z) * scale`` [n, d], ``recon = x + err`` and each row's ``|err|^2`` [n]."""
     n, d = z.shape
     err = torch.empty_like(z)
+    recon = torch.empty_like(z)
     sq = torch.empty(n)
-    lib().mlsae_scaled_error(_ptr(decoded), _ptr(b), _ptr(z), _ptr(scale), n, d, _ptr(err), _ptr(sq), _threads())
-    return err, sq
+    lib().mlsae_scaled_error(_ptr(decoded), _ptr(b), _ptr(z), _ptr(scale), _ptr(x), n, d, _ptr(err), _ptr(recon),
+                             _ptr(sq), _threads())
+    return err, recon, sq
 
 
 def scaled_error_backward(err: Tensor, row_weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,6 +6,8 @@ take fp32/bf16); fp32 results are compared with an fp64 reference at fp32 tolera
 """
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -216,6 +218,31 @@ def test_bf16_autocast_close_to_fp32(path):
     assert rel < 0.05
 
 
+def test_bf16_autocast_gradients_match_autocast_semantics(path):
+    """Under bf16 autocast: the TopK of the bf16 product, and W_enc's gradient from its bf16 inputs."""
+    x, W_enc, W_dec = (t.detach().float().requires_grad_() for t in params(n=200, d=32, f=300, seed=12))
+    b = torch.randn(32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        topk, _ = topk_encode(x, W_enc, 8, b=b)
+        out = sparse_decode(topk, W_dec)
+    got = grads(out.sin().sum(), W_enc, W_dec, b)
+    u16, W16 = (x - b).detach().bfloat16(), W_enc.detach().bfloat16()
+    pre = (u16 @ W16.T).float()  # what autocast's product gives
+    assert torch.equal(topk.values.sort(-1).values, pre.topk(8, dim=-1).values.relu().sort(-1).values)
+    indices = topk.indices  # bf16 has ties: check the values, then follow the chosen latents
+    values = pre.gather(1, indices)
+    assert torch.equal(values.relu(), topk.values)
+    v = values.relu().requires_grad_()
+    W_dec_ = W_dec.detach().requires_grad_()
+    ref_out = torch.zeros(200, 300).scatter(-1, indices, v) @ W_dec_
+    gv, g_dec = torch.autograd.grad(ref_out.sin().sum(), (v, W_dec_))
+    g = gv * (values > 0)
+    g_enc = torch.zeros(300, 32).index_add_(0, indices.flatten(), (g[:, :, None] * u16.float()[:, None, :]).reshape(-1, 32))
+    g_b = -(torch.zeros(300).index_add_(0, indices.flatten(), g.flatten()) @ W_enc.detach())
+    for a, r in zip(got, (g_enc, g_dec, g_b)):  # fp32 sums in other orders
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5 * r.abs().max().item())
+
+
 def test_out_of_range_indices_raise():
     W = torch.randn(10, 4)
     with pytest.raises(IndexError):
@@ -305,6 +332,26 @@ def test_native_scatters_do_not_depend_on_threads():
 
 
 @native_only
+def test_encoder_scatter_reuses_the_decoder_buckets():
+    """The decode backward's counting sort serves the encoder scatter of the same indices, once."""
+    g = torch.Generator().manual_seed(3)
+    w, x, G = torch.randn(300, 6, generator=g), torch.randn(300, 20, generator=g), torch.randn(300, 20, generator=g)
+    W = torch.randn(50, 20, generator=g)
+    idx = torch.randint(0, 50, (300, 6), generator=g)
+    fresh = native.scatter_rows(w, idx, x, 50, with_sum=True)
+    native.decode_backward(torch.rand(300, 6, generator=g), idx.view(-1, 6), G, W)
+    assert native._Buckets.slot is not None
+    reused = native.scatter_rows(w, idx, x, 50, with_sum=True)
+    assert native._Buckets.slot is None
+    for a, b in zip(fresh, reused):
+        assert torch.equal(a, b)
+    native.decode_backward(w, idx, G, W)
+    idx[0, 0] = (idx[0, 0] + 1) % 50  # changed in place: the buckets no longer apply
+    torch.testing.assert_close(native.scatter_rows(w, idx, x, 50)[0], torch.zeros(50, 20).index_add_(
+        0, idx.flatten(), (w[:, :, None] * x[:, None, :]).reshape(-1, 20)), rtol=1e-5, atol=1e-5)
+
+
+@native_only
 def test_native_project_and_standardize():
     g = torch.Generator().manual_seed(1)
     grad, w = torch.randn(30, 70, generator=g), torch.randn(30, 70, generator=g)
@@ -312,11 +359,13 @@ def test_native_project_and_standardize():
     native.project_rows(grad, w)
     torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5)
     x = torch.randn(20, 70, generator=g) * 3 + 1
-    z, mean, scale, sq = native.standardize(x, 1e-5)
+    shift = torch.randn(70, generator=g)
+    z, mean, scale, sq, low = native.standardize(x, 1e-5, shift)
     torch.testing.assert_close(mean, x.mean(-1, keepdim=True))
     torch.testing.assert_close(scale, x.std(-1, keepdim=True) + 1e-5)
     torch.testing.assert_close(z, (x - mean) / scale)
     torch.testing.assert_close(sq, (x - mean).pow(2).sum(-1, keepdim=True))
+    assert torch.equal(low, (z - shift).bfloat16())  # rounded as PyTorch rounds
 
 
 def test_native_disabled_by_environment(monkeypatch):
@@ -408,3 +457,9 @@ def test_cuda_matches_naive():
     for a, b in zip(grads(out.sin().sum(), x, W_enc, W_dec), grads(ref.sin().sum(), x, W_enc, W_dec)):
         torch.testing.assert_close(a, b)
     assert math.isfinite(float(out.sum()))
+
+
+def test_native_kernels_build_where_a_compiler_is():
+    """The skips above are for machines without a C compiler; CI has one, so the fast path is tested."""
+    if native.enabled() and (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        assert native.lib() is not None

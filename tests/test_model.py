@@ -266,3 +266,23 @@ def test_repo_id():
     assert repo_id("EleutherAI/pythia-70m-deduped", 64, 32) == "mlsae-pythia-70m-deduped-x64-k32"
     assert repo_id("EleutherAI/pythia-70m-deduped", 64, 32, tfm=True, owner="me") == \
         "me/mlsae-pythia-70m-deduped-x64-k32-tfm"
+
+
+@pytest.mark.gpu
+def test_cuda_loss_and_gradients_match_cpu():
+    cpu = make(d=64, ef=8, k=8, auxk=16, n_layers=3)
+    cpu.tokens_since_fired[:, ::3] = 10**9  # a third of the latents dead: AuxK runs too
+    gpu = make(d=64, ef=8, k=8, auxk=16, n_layers=3).cuda()
+    gpu.load_state_dict(cpu.state_dict())  # the silence counters are a buffer: copied too
+    x = torch.randn(3, 200, 64) * 4 + 1
+    want, got = cpu.loss(x), gpu.loss(x.cuda())
+    assert float(want.auxk) > 0
+    want.loss.backward()
+    got.loss.backward()
+    torch.testing.assert_close(got.loss.cpu(), want.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.recon.cpu(), want.recon, rtol=1e-4, atol=1e-3)
+    for name, param in cpu.named_parameters():
+        torch.testing.assert_close(gpu.get_parameter(name).grad.cpu(), param.grad, rtol=1e-3, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # the training precision: fp32 master weights
+        low = gpu.loss(x.cuda())
+    assert low.loss.dtype == torch.float32 and abs(float(low.loss) - float(want.loss)) < 0.05 * float(want.loss)

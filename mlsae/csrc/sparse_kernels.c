@@ -61,30 +61,46 @@ static float select_by_rank(float* v, const int64_t* ix, int64_t m, int64_t k, f
                             int64_t* out_ix) {
     int64_t nv = (m + 15) / 16;
     for (int64_t j = m; j < nv * 16; j++) v[j] = -INFINITY;
-    int64_t w = 0;
+    /* The k-th largest value is the smallest with fewer than k values strictly above it. */
     float kth = INFINITY;
-    const __m512i one = _mm512_set1_epi32(1);
-    for (int64_t q = 0; q < nv; q++) { /* ranks of v[16q .. 16q+16), one lane each */
+    const __m512i one = _mm512_set1_epi32(1), kk = _mm512_set1_epi32((int)k);
+    for (int64_t q = 0; q < nv; q++) { /* counts for v[16q .. 16q+16), one lane each */
         __m512 mine = _mm512_loadu_ps(v + 16 * q);
-        __m512i rank = _mm512_setzero_si512();
-        for (int64_t j = 0; j < m; j++) {
-            __m512 other = _mm512_set1_ps(v[j]);
-            int64_t after = j + 1 - 16 * q; /* lanes i > j: bits from `after` upwards */
-            __mmask16 later = after <= 0 ? 0xFFFF : (after >= 16 ? 0 : (__mmask16)(0xFFFFu << after));
-            __mmask16 ahead = _mm512_cmp_ps_mask(other, mine, _CMP_GT_OQ) |
-                              _mm512_mask_cmp_ps_mask(later, other, mine, _CMP_EQ_OQ);
-            rank = _mm512_mask_add_epi32(rank, ahead, rank, one);
+        __m512i above0 = _mm512_setzero_si512(), above1 = above0;
+        int64_t j = 0;
+        for (; j + 2 <= m; j += 2) { /* two chains hide the latency */
+            above0 = _mm512_mask_add_epi32(above0, _mm512_cmp_ps_mask(_mm512_set1_ps(v[j]), mine, _CMP_GT_OQ), above0, one);
+            above1 = _mm512_mask_add_epi32(above1, _mm512_cmp_ps_mask(_mm512_set1_ps(v[j + 1]), mine, _CMP_GT_OQ), above1, one);
         }
-        __mmask16 win = _mm512_cmplt_epi32_mask(rank, _mm512_set1_epi32((int)k));
-        win &= (__mmask16)(m - 16 * q >= 16 ? 0xFFFF : (1u << (m - 16 * q)) - 1);
-        while (win) {
-            int t = __builtin_ctz(win);
-            win &= win - 1;
-            float x = v[16 * q + t];
-            out_v[w] = x;
-            if (ix) out_ix[w] = ix[16 * q + t];
+        if (j < m) above0 = _mm512_mask_add_epi32(above0, _mm512_cmp_ps_mask(_mm512_set1_ps(v[j]), mine, _CMP_GT_OQ), above0, one);
+        __mmask16 valid = (__mmask16)(m - 16 * q >= 16 ? 0xFFFF : (1u << (m - 16 * q)) - 1);
+        __mmask16 in = _mm512_mask_cmplt_epi32_mask(valid, _mm512_add_epi32(above0, above1), kk);
+        if (in) kth = fminf(kth, _mm512_mask_reduce_min_ps(in, mine));
+    }
+    if (!out_v) return kth;
+    /* The values above it (fewer than k: compressed out a vector at a time), then as many equal
+     * to it as needed, in index order. */
+    int64_t w = 0;
+    __m512 t = _mm512_set1_ps(kth);
+    for (int64_t q = 0; q < nv; q++) {
+        __m512 mine = _mm512_loadu_ps(v + 16 * q);
+        __mmask16 gt = _mm512_cmp_ps_mask(mine, t, _CMP_GT_OQ);
+        while (gt) {
+            int l = __builtin_ctz(gt);
+            gt &= gt - 1;
+            out_v[w] = v[16 * q + l];
+            if (ix) out_ix[w] = ix[16 * q + l];
             w++;
-            kth = x < kth ? x : kth;
+        }
+    }
+    for (int64_t q = 0; q < nv && w < k; q++) {
+        __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + 16 * q), t, _CMP_EQ_OQ);
+        while (eq && w < k) {
+            int l = __builtin_ctz(eq);
+            eq &= eq - 1;
+            out_v[w] = v[16 * q + l];
+            if (ix) out_ix[w] = ix[16 * q + l];
+            w++;
         }
     }
     return kth;
@@ -155,40 +171,73 @@ static inline void push(Buffer* b, float x, int64_t j) {
  * largest group maximum is a lower bound of the k-th largest value, so one vectorised pass
  * with that threshold leaves only a few candidates. Returns 0 for a row holding NaN, so that
  * the caller can fall back to PyTorch's semantics. */
-#define DEFINE_ROW_TOPK(NAME, T, LOAD, MASK16)                                                  \
+/* Append the values of 16 consecutive columns j.. that are >= b->th to the buffer (no branch
+ * per value: AVX-512 compresses them); the buffer has 16 slots of slack past its capacity. */
+#ifdef __AVX512F__
+static inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline void push16(Buffer* b, __m512 v, int64_t j) {
+    __mmask16 mask = _mm512_cmp_ps_mask(v, _mm512_set1_ps(b->th), _CMP_GE_OQ);
+    if (!mask) return;
+    const __m512i lanes_lo = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i base = _mm512_set1_epi64(j);
+    _mm512_storeu_ps(b->v + b->m, _mm512_maskz_compress_ps(mask, v));
+    __m512i lo = _mm512_maskz_compress_epi64((__mmask8)mask, _mm512_add_epi64(base, lanes_lo));
+    __m512i hi = _mm512_maskz_compress_epi64((__mmask8)(mask >> 8),
+                                             _mm512_add_epi64(base, _mm512_add_epi64(lanes_lo, _mm512_set1_epi64(8))));
+    int n_lo = __builtin_popcount(mask & 0xFF);
+    _mm512_storeu_si512((void*)(b->ix + b->m), lo);
+    _mm512_storeu_si512((void*)(b->ix + b->m + n_lo), hi);
+    b->m += __builtin_popcount(mask);
+    if (b->m >= b->cap) {
+        select_largest(b->v, b->ix, b->m, b->k);
+        b->m = b->k;
+        b->th = min_of(b->v, b->k);
+    }
+}
+#define PUSH16(b, LOAD16, MASK16, LOAD, p, j) push16(b, LOAD16(p + j), j)
+#else
+#define PUSH16(b, LOAD16, MASK16, LOAD, p, j)                                                     \
+    do {                                                                                          \
+        uint32_t mask_ = MASK16(p + j, (b)->th, 0);                                               \
+        while (mask_) {                                                                           \
+            int t_ = __builtin_ctz(mask_);                                                        \
+            mask_ &= mask_ - 1;                                                                   \
+            push(b, LOAD(p[j + t_]), j + t_);                                                     \
+        }                                                                                         \
+    } while (0)
+#endif
+
+/* TopK of one row (raw values; columns reported + col0). Columns are split into G strided
+ * groups (g, g+G, ...): the k-th largest group maximum is a lower bound of the k-th largest
+ * value, so one vectorised pass with that threshold leaves only a few candidates. Returns 0 for
+ * a row holding NaN (the maxima keep NaN), so that the caller can fall back to PyTorch's semantics. */
+#define DEFINE_ROW_TOPK(NAME, T, LOAD, MASK16, LOAD16)                                          \
     static int NAME(const T* p, int64_t F, int64_t G, int64_t k, int64_t col0, float* out_v,   \
                     int64_t* out_i, float* gm, Buffer* b) {                                   \
-        int nan = 0;                                                                          \
-        _Pragma("omp simd reduction(| : nan)") for (int64_t g = 0; g < G; g++) {              \
-            gm[g] = LOAD(p[g]);                                                               \
-            nan |= gm[g] != gm[g];                                                            \
-        }                                                                                     \
+        for (int64_t g = 0; g < G; g++) gm[g] = LOAD(p[g]);                                   \
         for (int64_t a = G; a < F; a += G) {                                                  \
             const T* q = p + a;                                                               \
             int64_t len = F - a < G ? F - a : G;                                              \
-            _Pragma("omp simd reduction(| : nan)") for (int64_t g = 0; g < len; g++) {        \
-                float x = LOAD(q[g]);                                                         \
-                nan |= x != x;                                                                \
-                gm[g] = x > gm[g] ? x : gm[g];                                                \
+            _Pragma("omp simd") for (int64_t g = 0; g < len; g++) {                           \
+                float x = LOAD(q[g]), m = gm[g];                                              \
+                gm[g] = (x > m) | (x != x) ? x : m; /* NaN, once in, stays */                 \
             }                                                                                 \
         }                                                                                     \
+        int nan = 0;                                                                          \
+        for (int64_t g = 0; g < G; g++) nan |= gm[g] != gm[g];                                \
         if (nan) return 0; /* torch.topk ranks NaN first: leave such rows to it */             \
         b->m = 0;                                                                             \
         if (G <= RANK_MAX) {                                                                  \
-            b->th = select_by_rank(gm, NULL, G, k, gm + PAD16(G), NULL);                      \
+            b->th = select_by_rank(gm, NULL, G, k, NULL, NULL);                               \
         } else {                                                                              \
             select_largest(gm, NULL, G, k);                                                   \
             b->th = min_of(gm, k);                                                            \
         }                                                                                     \
         int64_t j = 0;                                                                        \
-        for (; j + 16 <= F; j += 16) {                                                        \
-            uint32_t mask = MASK16(p + j, b->th, 0);                                             \
-            while (mask) {                                                                    \
-                int t = __builtin_ctz(mask);                                                  \
-                mask &= mask - 1;                                                             \
-                push(b, LOAD(p[j + t]), j + t);                                               \
-            }                                                                                 \
-        }                                                                                     \
+        for (; j + 16 <= F; j += 16) PUSH16(b, LOAD16, MASK16, LOAD, p, j);                   \
         for (; j < F; j++) push(b, LOAD(p[j]), j);                                            \
         if (b->m < k) return 0;                                                               \
         if (b->m <= RANK_MAX) {                                                               \
@@ -206,8 +255,89 @@ static inline void push(Buffer* b, float x, int64_t j) {
 #ifndef PREFETCH
 #define PREFETCH 8 /* entries ahead */
 #endif
-DEFINE_ROW_TOPK(row_topk_f32, float, IDENTITY, mask16_f32)
-DEFINE_ROW_TOPK(row_topk_bf16, uint16_t, bf16_to_f32, mask16_bf16)
+DEFINE_ROW_TOPK(row_topk_f32, float, IDENTITY, mask16_f32, load16_f32)
+DEFINE_ROW_TOPK(row_topk_bf16_generic, uint16_t, bf16_to_f32, mask16_bf16, load16_bf16)
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* bf16 rows, 32 values a vector: bf16 bits become int16 keys in the order of their values
+ * (negatives' magnitude bits flipped), so both passes compare 16-bit integers, twice as many
+ * per instruction; only candidates are widened to fp32. Same result as the generic version. */
+static inline __m512i bf16_keys(__m512i h) {
+    return _mm512_xor_si512(h, _mm512_and_si512(_mm512_srai_epi16(h, 15), _mm512_set1_epi16(0x7FFF)));
+}
+static inline int16_t bf16_key(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    int16_t h = (int16_t)(u >> 16);
+    return (int16_t)(h ^ ((h >> 15) & 0x7FFF));
+}
+static inline float key_to_f32(int16_t key) {
+    int16_t h = (int16_t)(key ^ ((key >> 15) & 0x7FFF));
+    return bf16_to_f32((uint16_t)h);
+}
+
+static int row_topk_bf16(const uint16_t* p, int64_t F, int64_t G, int64_t k, int64_t col0, float* out_v,
+                         int64_t* out_i, float* gm, Buffer* b) {
+    if (G % 32 || F < 2 * G) return row_topk_bf16_generic(p, F, G, k, col0, out_v, out_i, gm, b);
+    /* Pass 1: group maxima as keys (groups g, g+G, ...), and whether any value is NaN. */
+    int16_t* km = (int16_t*)(gm + PAD16(G)); /* scratch: G keys fit in the second G floats */
+    for (int64_t g = 0; g < G; g += 32)
+        _mm512_storeu_si512((void*)(km + g), bf16_keys(_mm512_loadu_si512((const void*)(p + g))));
+    __mmask32 nan = 0;
+    const __m512i mag = _mm512_set1_epi16(0x7FFF), inf = _mm512_set1_epi16(0x7F80);
+    for (int64_t g = 0; g < G; g += 32)
+        nan |= _mm512_cmpgt_epi16_mask(_mm512_and_si512(_mm512_loadu_si512((const void*)(p + g)), mag), inf);
+    int64_t a = G;
+    for (; a + G <= F; a += G)
+        for (int64_t g = 0; g < G; g += 32) {
+            __m512i h = _mm512_loadu_si512((const void*)(p + a + g));
+            nan |= _mm512_cmpgt_epi16_mask(_mm512_and_si512(h, mag), inf);
+            __m512i* slot = (__m512i*)(km + g);
+            _mm512_storeu_si512(slot, _mm512_max_epi16(_mm512_loadu_si512(slot), bf16_keys(h)));
+        }
+    for (int64_t j = a; j < F; j++) { /* a ragged last stripe */
+        int16_t key = bf16_key(bf16_to_f32(p[j]));
+        nan |= (p[j] & 0x7FFF) > 0x7F80;
+        if (key > km[j - a]) km[j - a] = key;
+    }
+    if (nan) return 0; /* torch.topk ranks NaN first: leave such rows to it */
+    for (int64_t g = 0; g < G; g++) gm[g] = key_to_f32(km[g]);
+    b->m = 0;
+    if (G <= RANK_MAX) {
+        b->th = select_by_rank(gm, NULL, G, k, NULL, NULL);
+    } else {
+        select_largest(gm, NULL, G, k);
+        b->th = min_of(gm, k);
+    }
+    /* Pass 2: the values >= the threshold, as keys; the buffer may raise it. */
+    float th = b->th;
+    __m512i tk = _mm512_set1_epi16(bf16_key(th));
+    int64_t j = 0;
+    for (; j + 32 <= F; j += 32) {
+        __mmask32 mask = _mm512_cmpge_epi16_mask(bf16_keys(_mm512_loadu_si512((const void*)(p + j))), tk);
+        if (!mask) continue;
+        if ((__mmask16)mask) push16(b, load16_bf16(p + j), j);
+        if ((__mmask16)(mask >> 16)) push16(b, load16_bf16(p + j + 16), j + 16);
+        if (b->th != th) {
+            th = b->th;
+            tk = _mm512_set1_epi16(bf16_key(th));
+        }
+    }
+    for (; j < F; j++) push(b, bf16_to_f32(p[j]), j);
+    if (b->m < k) return 0;
+    if (b->m <= RANK_MAX) {
+        select_by_rank(b->v, b->ix, b->m, k, out_v, out_i);
+    } else {
+        select_largest(b->v, b->ix, b->m, k);
+        memcpy(out_v, b->v, sizeof(float) * k);
+        memcpy(out_i, b->ix, sizeof(int64_t) * k);
+    }
+    for (int64_t t = 0; t < k; t++) out_i[t] += col0;
+    return 1;
+}
+#else
+#define row_topk_bf16 row_topk_bf16_generic
+#endif
 
 /* A row's running TopK lives in 2k slots: the current k largest (unordered) then up to k
  * pending candidates, all above the threshold (the k-th largest when the pending ones were last
@@ -282,8 +412,8 @@ int64_t mlsae_topk_block(const void* tile, int is_bf16, int64_t n, int64_t cols,
     {
         /* gm: group maxima, padded to whole vectors for select_by_rank, then its output; then the
          * candidate buffer or the fold's work values (padded too). */
-        float* gm = malloc(sizeof(float) * (2 * PAD16(G) + PAD16(2 * k + cap)));
-        int64_t* ix = malloc(sizeof(int64_t) * (2 * k + cap));
+        float* gm = malloc(sizeof(float) * (2 * PAD16(G) + PAD16(2 * k + cap) + 16));
+        int64_t* ix = malloc(sizeof(int64_t) * (2 * k + cap + 16));
         float* wv = gm + 2 * PAD16(G);
         Buffer b = {wv, ix, 0, k, cap, 0.0f};
 #pragma omp for schedule(static)
@@ -331,39 +461,47 @@ void mlsae_topk_finish(float* values, int64_t* indices, const int64_t* pending, 
     }
 }
 
-/* o[0..d) = sum over q < m of a[q] * X[rows[q]] (rows of length d), in q order. With AVX-512
- * the sums of 64 columns at a time stay in registers while the m rows stream by. */
-static inline void accumulate_rows(float* o, const float* a, const int64_t* rows, const float* X,
-                                   int64_t d, int64_t m) {
-    int64_t c0 = 0;
+/* o[0..d) = sum over q < m of a[q] * X[rows[q]] (rows of length d, fp32 or bf16: bf16 is read as
+ * it is, half the bytes), in q order. With AVX-512 the sums of 64 columns at a time stay in
+ * registers while the m rows stream by. */
 #ifdef __AVX512F__
-    for (; c0 + 64 <= d; c0 += 64) {
-        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-        for (int64_t q = 0; q < m; q++) {
-            const float* x = X + rows[q] * d + c0;
-            if (c0 == 0 && q + PREFETCH < m) prefetch_row(X + rows[q + PREFETCH] * d, d);
-            __m512 aq = _mm512_set1_ps(a[q]);
-            s0 = _mm512_fmadd_ps(aq, _mm512_loadu_ps(x), s0);
-            s1 = _mm512_fmadd_ps(aq, _mm512_loadu_ps(x + 16), s1);
-            s2 = _mm512_fmadd_ps(aq, _mm512_loadu_ps(x + 32), s2);
-            s3 = _mm512_fmadd_ps(aq, _mm512_loadu_ps(x + 48), s3);
-        }
-        _mm512_storeu_ps(o + c0, s0);
-        _mm512_storeu_ps(o + c0 + 16, s1);
-        _mm512_storeu_ps(o + c0 + 32, s2);
-        _mm512_storeu_ps(o + c0 + 48, s3);
+#define ACCUMULATE64(T, LOAD16)                                                                   \
+    for (; c0 + 64 <= d; c0 += 64) {                                                              \
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;                               \
+        for (int64_t q = 0; q < m; q++) {                                                         \
+            const T* x = X + rows[q] * d + c0;                                                    \
+            if (c0 == 0 && q + PREFETCH < m)                                                      \
+                prefetch_row((const float*)(X + rows[q + PREFETCH] * d), d * sizeof(T) / sizeof(float)); \
+            __m512 aq = _mm512_set1_ps(a[q]);                                                     \
+            s0 = _mm512_fmadd_ps(aq, LOAD16(x), s0);                                              \
+            s1 = _mm512_fmadd_ps(aq, LOAD16(x + 16), s1);                                         \
+            s2 = _mm512_fmadd_ps(aq, LOAD16(x + 32), s2);                                         \
+            s3 = _mm512_fmadd_ps(aq, LOAD16(x + 48), s3);                                         \
+        }                                                                                         \
+        _mm512_storeu_ps(o + c0, s0);                                                             \
+        _mm512_storeu_ps(o + c0 + 16, s1);                                                        \
+        _mm512_storeu_ps(o + c0 + 32, s2);                                                        \
+        _mm512_storeu_ps(o + c0 + 48, s3);                                                        \
     }
+#else
+#define ACCUMULATE64(T, LOAD16)
 #endif
-    if (c0 < d) {
-        memset(o + c0, 0, sizeof(float) * (d - c0));
-        for (int64_t q = 0; q < m; q++) {
-            const float* x = X + rows[q] * d;
-            float aq = a[q];
-#pragma omp simd
-            for (int64_t c = c0; c < d; c++) o[c] += aq * x[c];
-        }
+#define DEFINE_ACCUMULATE_ROWS(NAME, T, LOAD, LOAD16)                                             \
+    static inline void NAME(float* o, const float* a, const int64_t* rows, const T* X, int64_t d, \
+                            int64_t m) {                                                          \
+        int64_t c0 = 0;                                                                           \
+        ACCUMULATE64(T, LOAD16)                                                                   \
+        if (c0 < d) {                                                                             \
+            memset(o + c0, 0, sizeof(float) * (d - c0));                                          \
+            for (int64_t q = 0; q < m; q++) {                                                     \
+                const T* x = X + rows[q] * d;                                                     \
+                float aq = a[q];                                                                  \
+                _Pragma("omp simd") for (int64_t c = c0; c < d; c++) o[c] += aq * LOAD(x[c]);     \
+            }                                                                                     \
+        }                                                                                         \
     }
-}
+DEFINE_ACCUMULATE_ROWS(accumulate_rows, float, IDENTITY, load16_f32)
+DEFINE_ACCUMULATE_ROWS(accumulate_rows_bf16, uint16_t, bf16_to_f32, load16_bf16)
 
 /* Counting sort of the n*k entries by latent: entries of latent f are q in [start[f], start[f+1]),
  * each with its vector rows[q] = e / k, weight weights[q] = w[e] and (when not NULL) entry[q] = e,
@@ -411,23 +549,36 @@ static inline void prefetch_entries(const float* X, const int64_t* rows, const i
     for (int64_t q = start[f]; q < start[f + 1] && q < start[f] + PREFETCH; q++) prefetch_row(X + rows[q] * d, d);
 }
 
-/* out[f] = sum of w[e] * X[e / k] over the entries e (of n*k) with idx[e] == f; wsum[f] = sum
- * of those w[e] (when not NULL). Each output row is written once, in parallel over latents,
+/* out[f] = sum of w[e] * (X[e / k] - shift) over the entries e (of n*k) with idx[e] == f
+ * (X: fp32, or bf16 when x_bf16; shift: NULL or d values); wsum[f] = sum of those w[e] (when
+ * not NULL). With entry (not NULL), rows/start/entry come filled by mlsae_decode_backward for the
+ * same indices and the counting sort is skipped. Each output row is written once, in parallel over latents,
  * summing its entries in their original order. rows, weights: n*k; start: F+1 (workspaces). */
-void mlsae_scatter_rows(const float* w, const int64_t* idx, const float* X, int64_t n, int64_t k,
-                        int64_t d, int64_t F, float* out, float* wsum, int64_t* rows,
-                        float* weights, int64_t* start, int nthreads) {
-    bucket_by_latent(w, idx, n, k, F, rows, weights, NULL, start, nthreads);
+void mlsae_scatter_rows(const float* w, const int64_t* idx, const void* X, int x_bf16, const float* shift,
+                        int64_t n, int64_t k, int64_t d, int64_t F, float* out, float* wsum,
+                        int64_t* rows, float* weights, int64_t* start, const int64_t* entry,
+                        int nthreads) {
+    if (entry) { /* rows, start and entry already bucket these indices (from the decode's backward) */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t q = 0; q < n * k; q++) weights[q] = w[entry[q]];
+    } else {
+        bucket_by_latent(w, idx, n, k, F, rows, weights, NULL, start, nthreads);
+    }
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 64)
     for (int64_t f = 0; f < F; f++) {
         int64_t q0 = start[f], m = start[f + 1] - q0;
-        prefetch_entries(X, rows, start, f + 1, F, d);
-        accumulate_rows(out + f * d, weights + q0, rows + q0, X, d, m);
-        if (wsum) {
-            float total = 0.0f;
-            for (int64_t q = q0; q < q0 + m; q++) total += weights[q];
-            wsum[f] = total;
+        float* o = out + f * d;
+        if (x_bf16) {
+            accumulate_rows_bf16(o, weights + q0, rows + q0, (const uint16_t*)X, d, m);
+        } else {
+            prefetch_entries((const float*)X, rows, start, f + 1, F, d);
+            accumulate_rows(o, weights + q0, rows + q0, (const float*)X, d, m);
         }
+        float total = 0.0f;
+        for (int64_t q = q0; q < q0 + m; q++) total += weights[q];
+        if (wsum) wsum[f] = total;
+        if (shift && total != 0.0f) /* the rows were X - shift */
+            for (int64_t c = 0; c < d; c++) o[c] -= total * shift[c];
     }
 }
 
@@ -532,9 +683,18 @@ void mlsae_project_rows(float* g, const float* w, int64_t F, int64_t d, int nthr
 
 /* Per-row standardization of x [n, d]: mean[i], sq_norm[i] = |x[i] - mean|^2,
  * scale[i] = sqrt(sq_norm / (d - 1)) + eps, z[i] = (x[i] - mean) / scale (two-pass, like
- * PyTorch's std, with the row in L1 between the passes). */
+ * PyTorch's std, with the row in L1 between the passes); with low (not NULL), also
+ * low[i] = bf16(z[i] - shift). */
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as PyTorch */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
 void mlsae_standardize(const float* x, int64_t n, int64_t d, float eps, float* z, float* mean,
-                       float* scale, float* sq_norm, int nthreads) {
+                       float* scale, float* sq_norm, const float* shift, uint16_t* low, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t i = 0; i < n; i++) {
         const float* xi = x + i * d;
@@ -552,25 +712,32 @@ void mlsae_standardize(const float* x, int64_t n, int64_t d, float eps, float* z
         float sc = sqrtf(ss / (float)(d > 1 ? d - 1 : 1)) + eps, inv = 1.0f / sc;
 #pragma omp simd
         for (int64_t c = 0; c < d; c++) zi[c] *= inv;
+        if (low) { /* the encoder's bf16 input, z - shift, in the same pass */
+            uint16_t* li = low + i * d;
+#pragma omp simd
+            for (int64_t c = 0; c < d; c++) li[c] = f32_to_bf16(zi[c] - shift[c]);
+        }
         mean[i] = m;
         scale[i] = sc;
         sq_norm[i] = ss;
     }
 }
 
-/* err[i] = (dec[i] + b - z[i]) * scale[i] and sq[i] = |err[i]|^2: the raw-space reconstruction
- * error of standardized vectors, in one pass. */
+/* err[i] = (dec[i] + b - z[i]) * scale[i], recon[i] = x[i] + err[i] and sq[i] = |err[i]|^2: the
+ * raw-space reconstruction and its error, from standardized vectors, in one pass. */
 void mlsae_scaled_error(const float* dec, const float* b, const float* z, const float* scale,
-                        int64_t n, int64_t d, float* err, float* sq, int nthreads) {
+                        const float* x, int64_t n, int64_t d, float* err, float* recon, float* sq,
+                        int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        const float *di = dec + i * d, *zi = z + i * d;
-        float* ei = err + i * d;
+        const float *di = dec + i * d, *zi = z + i * d, *xi = x + i * d;
+        float *ei = err + i * d, *ri = recon + i * d;
         float s = scale[i], acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
         for (int64_t c = 0; c < d; c++) {
             float e = (di[c] + b[c] - zi[c]) * s;
             ei[c] = e;
+            ri[c] = xi[c] + e;
             acc += e * e;
         }
         sq[i] = acc;
@@ -629,7 +796,7 @@ int64_t mlsae_rescore(const float* cv, const int64_t* ci, int64_t n, int64_t K, 
             const int64_t* c = ci + r * K;
             float e = err[r];
             memcpy(wv, v, sizeof(float) * K);
-            float T = K <= RANK_MAX ? select_by_rank(wv, NULL, K, k, wv + PAD16(K), NULL)
+            float T = K <= RANK_MAX ? select_by_rank(wv, NULL, K, k, NULL, NULL)
                                     : (select_largest(wv, NULL, K, k), min_of(wv, k));
             float floor_k = lower(T, e); /* the fp32 k-th largest is at least this */
             const float* ur = u + r * d;
