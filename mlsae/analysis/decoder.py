@@ -180,8 +180,8 @@ class DecoderOptions:
             raise MLSAEError("--chunk and --cos_bins must be positive")
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse(DecoderOptions, argv, __doc__.split("\n\n")[0])
+def run(cfg: DecoderOptions) -> dict:
+    """Compute and write ``decoder.csv``, ``decoder.json`` (and the pair tables); returns the summary."""
     device = pick_device(cfg.device)
     sae = load_sae(cfg.repo_id, device)
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.repo_id)
@@ -211,13 +211,19 @@ def main(argv: list[str] | None = None) -> None:
             stats.frame().to_csv(tmp, index=False)
         with atomic_path(out / "decoder_pairs_hist.csv") as tmp:
             stats.hist_frame().to_csv(tmp, index=False)
-    else:
-        print(f"no {dists_path}: skipping the pair analysis (run python -m mlsae.analysis.dists first)")
     with atomic_path(out / "decoder.csv") as tmp:
         per_latent.to_csv(tmp, index=False)
     write_json(out / "decoder.json", {**summary, "config": config_dict(cfg)})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse(DecoderOptions, argv, __doc__.split("\n\n")[0])
+    summary = run(cfg)
     print(json.dumps(summary, indent=2))
-    print(out / "decoder.json")
+    if "pairs" not in summary:
+        print("no dists.safetensors: the pair analysis was skipped (run python -m mlsae.analysis.dists first)")
+    print((Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.repo_id)) / "decoder.json")
 
 
 if __name__ == "__main__":

@@ -135,21 +135,32 @@ class ResidOptions:
     """Output folder (default: out/analysis/<model name>)."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse(ResidOptions, argv, __doc__.split("\n\n")[0])
+def output_dir(cfg: ResidOptions) -> Path:
+    return Path(cfg.out_dir) if cfg.out_dir else Path("out") / "analysis" / sae_name(cfg.model_name)
+
+
+def run(cfg: ResidOptions) -> tuple[pd.DataFrame, dict]:
+    """Compute and write ``resid.csv`` and ``resid.json``; returns the table and the summary."""
     device = pick_device(cfg.data.device)
     transformer = Transformer(*load_transformer(cfg.model_name, device=device))
     layers = transformer._check_layers(cfg.layers)
     d = cfg.data
     chunks = load_chunks(d.path, d.split, transformer.tokenizer, d.max_length, max_tokens=d.max_tokens)
     df, tokens = resid_stats(transformer, chunks, layers, d.batch_size, d.precision)
-    out = Path(cfg.out_dir) if cfg.out_dir else Path("out") / "analysis" / sae_name(cfg.model_name)
+    out = output_dir(cfg)
     with atomic_path(out / "resid.csv") as tmp:
         df.to_csv(tmp, index=False)
-    summary = {"cos_next_mean": df["cos_next"].mean(), "cos_next_raw_mean": df["cos_next_raw"].mean(), "tokens": tokens}
-    write_json(out / "resid.json", {**summary, "layers": layers, "config": config_dict(cfg)})
+    summary = {"cos_next_mean": df["cos_next"].mean(), "cos_next_raw_mean": df["cos_next_raw"].mean(), "tokens": tokens,
+               "layers": layers, "config": config_dict(cfg)}
+    write_json(out / "resid.json", summary)
+    return df, summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse(ResidOptions, argv, __doc__.split("\n\n")[0])
+    df, _ = run(cfg)
     print(df.to_string(index=False))
-    print(out / "resid.csv")
+    print(output_dir(cfg) / "resid.csv")
 
 
 if __name__ == "__main__":

@@ -211,15 +211,6 @@ def ensure_analysis_pass(sae_folder: str | Path, out_dir: str | Path, analysis: 
     return saved, {"status": "computed", "seconds": time.perf_counter() - start}
 
 
-def _quietly(fn, *args):
-    """Run a CLI entry point without its printout (which would land in the book as output)."""
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return fn(*args)
-
-
 def ensure_resid(model_name: str, out_dir: str | Path, analysis: dict) -> tuple[pd.DataFrame, dict, dict]:
     """Residual-stream geometry of ``model_name`` (``mlsae.analysis.resid``) over the profile's
     ``resid_tokens`` held-out tokens, unless ``resid.json`` holds it for the same options.
@@ -238,10 +229,7 @@ def ensure_resid(model_name: str, out_dir: str | Path, analysis: dict) -> tuple[
     digest = code_digest(RESID_CODE)
     if (saved is None or saved.get("config") != json.loads(json.dumps(asdict(opts)))
             or not _stamp_ok(out, "resid", digest)):
-        args = ["--model_name", model_name, "--out_dir", str(out)]
-        for key, value in asdict(data).items():
-            args += [f"--{key}", str(value)]
-        _quietly(resid.main, args)
+        resid.run(opts)
         _stamp(out, "resid", digest)
         saved, status = json.loads(path.read_text()), "computed"
     return pd.read_csv(out / "resid.csv"), saved, {"status": status, "seconds": time.perf_counter() - start}
@@ -254,7 +242,6 @@ def ensure_decoder(sae_folder: str | Path, out_dir: str | Path, *, embeddings: b
     from mlsae.analysis import decoder
 
     out = analysis_dir(out_dir, sae_folder)
-    args = ["--repo_id", str(sae_folder), "--out_dir", str(out), "--embeddings", str(embeddings).lower()]
     path = out / "decoder.json"
     inputs = [Path(sae_folder) / "model.safetensors", out / "dists.safetensors"]
     newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0)
@@ -264,7 +251,7 @@ def ensure_decoder(sae_folder: str | Path, out_dir: str | Path, *, embeddings: b
     fresh = (saved is not None and path.stat().st_mtime >= newest and _stamp_ok(out, "decoder", digest)
              and saved["config"].get("embeddings") == embeddings and saved["config"].get("repo_id") == str(sae_folder))
     if not fresh:
-        _quietly(decoder.main, args)
+        decoder.run(decoder.DecoderOptions(repo_id=str(sae_folder), embeddings=embeddings, out_dir=str(out)))
         _stamp(out, "decoder", digest)
         saved, status = json.loads(path.read_text()), "computed"
     return saved, {"status": status, "seconds": time.perf_counter() - start}
