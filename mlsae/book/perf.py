@@ -98,3 +98,15 @@ def bench_results(report: dict) -> pd.DataFrame | None:
     if not frame["error"].astype(bool).any():
         frame = frame.drop(columns="error")
     return frame.dropna(axis=1, how="all")
+
+
+def recorded_runs(folder: Path, device: str) -> list[tuple[str, dict, pd.DataFrame]]:
+    """The step benchmarks kept in ``folder`` (``benchmarks/results/*.json``) that ran on ``device``:
+    (file name, report, table as ``bench_results`` makes it), oldest first."""
+    runs = []
+    for path in sorted(Path(folder).glob("*.json")):
+        report = json.loads(path.read_text())
+        table = bench_results(report)
+        if report.get("device") == device and table is not None:
+            runs.append((path.name, report, table))
+    return sorted(runs, key=lambda run: run[1].get("date", ""))
