@@ -64,6 +64,7 @@ def make_mlsae(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
 
     sae = MLSAE(SAEConfig(n_inputs=x.shape[1], n_latents=n, k=k)).to(x.device).train()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3, eps=6.25e-10, fused=True)  # as mlsae.train.make_runs
+
     def step(x: torch.Tensor) -> None:
         with autocast(x.device, bf16):
             out = sae.loss(x.unsqueeze(0))  # [L=1, N, d]: any L*N = batch costs the same

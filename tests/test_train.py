@@ -166,6 +166,30 @@ def test_torchrun_two_processes_equal_single_process(setup):
         torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-4, atol=1e-5)
 
 
+def test_torchrun_killed_and_resumed_equals_uninterrupted(setup):
+    def torchrun(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+                "-m", "mlsae.train", *args(setup, out, "--max_tokens", "1280", "--batch_size", "1", *extra)]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = setup["tmp"] / "ddp-full"
+    assert subprocess.run(torchrun(full), capture_output=True, cwd=ROOT, env=env, timeout=600).returncode == 0
+    part = setup["tmp"] / "ddp-killed"
+    proc = subprocess.Popen(torchrun(part), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: the kill takes every rank
+    deadline = time.time() + 300
+    while not (part / "checkpoint").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((part / "checkpoint" / "trainer.json").read_text())["step"] < 10  # killed mid-run
+    result = subprocess.run(torchrun(part, "--resume"), capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = weights(only_run(full)), weights(only_run(part))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_wandb_logs_offline(setup, tmp_path):
     out = setup["tmp"] / "wandb"
     result = run(args(setup, out, "--max_tokens", "256", "--wandb"), env={"WANDB_MODE": "offline"})
