@@ -7,7 +7,6 @@ the page, so a bad input never shows a traceback or leaves a dead widget.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import html
 import json
@@ -15,7 +14,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from mlsae.explorer import (
     find_examples,
     load_explorer,
 )
-from mlsae.utils import MLSAEError
+from mlsae.utils import MLSAEError, quiet_hf_progress
 
 log = logging.getLogger(__name__)
 
@@ -467,7 +466,7 @@ def build_app(
 
         torch.set_num_threads(threads)
     try:
-        with _quiet_loading():
+        with quiet_hf_progress():
             app = make_app(sae, transformer, examples, device=device, **explorer_kwargs)
     except MLSAEError as e:
         return _error_widget(str(e))
@@ -490,20 +489,6 @@ def make_app(sae: Any = None, transformer: Any = None, examples: Any = None, *, 
     if examples is None:
         examples = os.environ.get(ENV_EXAMPLES) or (find_examples(sae, root) if isinstance(sae, str) else None)
     return ExplorerApp(load_explorer(sae, transformer, examples, device=device, **explorer_kwargs))
-
-
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """No weight-loading progress bars in the page (they are noise in a web app)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _error_widget(text: str) -> W.HTML:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mlsae.utils import MLSAEError, atomic_path, cache_dir, run_cli
+from mlsae.utils import MLSAEError, atomic_path, cache_dir, quiet_hf_progress, run_cli
 
 if TYPE_CHECKING:
     import numpy as np
@@ -107,20 +107,6 @@ def _config(arch: str, vocab_size: int, eos_id: int, n_layers: int, d_model: int
     raise MLSAEError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
-@contextlib.contextmanager
-def _quiet_progress():
-    """Hide transformers' shard-writing progress bar (noise for a 500 kB model), then restore it."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def default_path(arch: str, n_layers: int = 2, d_model: int = 64, seed: int = 0) -> Path:
     """``<cache>/models/tiny-{arch}-{n_layers}l``, with suffixes only for non-default sizes or seeds."""
     name = f"tiny-{arch}-{n_layers}l"
@@ -173,7 +159,7 @@ def make_tiny(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model is an ordinary shared cache entry
-        with _quiet_progress():
+        with quiet_hf_progress():
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(spec))
@@ -284,7 +270,7 @@ def make_tiny_gguf(
         return path
     if model_dir is None:  # the float source model lives beside the file
         model_dir = make_tiny("llama", path.with_name(path.stem + "-hf"), **sizes)
-    with atomic_path(path) as tmp, _quiet_progress():
+    with atomic_path(path) as tmp, quiet_hf_progress():
         _write_gguf(model_dir, tmp, qtype)
         os.chmod(tmp, 0o644)
     return path
