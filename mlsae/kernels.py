@@ -258,49 +258,44 @@ def _encode_mixed(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor
 def _mixed_round(u: Tensor, u16: Tensor, error: Tensor, W: Tensor, W16: Tensor, k: int, n_cand: int,
                  ) -> tuple[Tensor, Tensor, Tensor]:
     """One round of _encode_mixed over the rows of ``u``: (values, indices, rows left unsettled)."""
-    n, n_latents = u.shape[0], W.shape[0]
-    n_blocks = -(-n_latents // LATENT_BLOCK) if n_latents > TILED_MIN_LATENTS else 1
-    block = max(-(-n_latents // n_blocks), n_cand)
-    rows = max(16, TILE_BYTES // (block * 2))
-    buf = _buffer("tile", (min(rows, n) * block,), torch.bfloat16, u.device)
-    state = native.TopKState(n, n_cand)
-    failed = 0
-    for c0 in range(0, n_latents, block):
-        W_block = W16[c0 : c0 + block]
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            tile = torch.mm(u16[r0:r1], W_block.T, out=buf[: (r1 - r0) * len(W_block)].view(r1 - r0, -1))
-            failed += state.add(tile, c0, slice(r0, r1))
+    state = native.TopKState(u.shape[0], n_cand)
+    failed = _fold_tiles(state, u16, W16, n_cand)
     if failed:  # NaN somewhere: no bound holds, every row left to fp32
         error = torch.full_like(error, float("nan"))
     cand_values, cand_indices = state.finish(relu=False)
-    return native.rescore(cand_values, cand_indices, k, n_latents, error, u.contiguous(), W)
+    return native.rescore(cand_values, cand_indices, k, W.shape[0], error, u.contiguous(), W)
 
 
 def _encode_tiles(inputs: Callable[[int, int], Tensor], n: int, W: Tensor, k: int) -> list[Tensor] | None:
-    """TopK of every vector from tiles of the product (a block of latents by a chunk of vectors).
-
-    Within a span of vectors, latent blocks go outside, so each block of W_enc is read once while
-    ``x - b`` (small) stays in cache; each tile is folded into a running TopK per vector by the C
-    kernel while it is still in cache. None on NaN.
-    """
-    n_latents = W.shape[0]
-    n_blocks = -(-n_latents // LATENT_BLOCK)
-    block = max(-(-n_latents // n_blocks), min(k, n_latents))
-    rows = max(16, TILE_BYTES // (block * W.element_size()))
-    buf = _buffer("tile", (min(rows, n) * block,), W.dtype, W.device)
+    """TopK of every vector from tiles of the product, span of vectors by span (None on NaN)."""
     state = native.TopKState(n, k)
     failed = 0
     for s0 in range(0, n, SPAN_ROWS):  # bounds the (x - b) copies for long batches (all layers)
-        s1 = min(s0 + SPAN_ROWS, n)
-        u = inputs(s0, s1)
-        for c0 in range(0, n_latents, block):
-            W_block = W[c0 : c0 + block]
-            for r0 in range(0, s1 - s0, rows):
-                r1 = min(r0 + rows, s1 - s0)
-                tile = torch.mm(u[r0:r1], W_block.T, out=buf[: (r1 - r0) * len(W_block)].view(r1 - r0, -1))
-                failed += state.add(tile, c0, slice(s0 + r0, s0 + r1))
+        failed += _fold_tiles(state, inputs(s0, min(s0 + SPAN_ROWS, n)), W, min(k, W.shape[0]), s0)
     return None if failed else list(state.finish())
+
+
+def _fold_tiles(state: native.TopKState, u: Tensor, W: Tensor, min_block: int, row0: int = 0) -> int:
+    """Fold ``u @ W.T`` into the running TopK ``state`` (its rows row0..), tile by tile; returns
+    the number of tiles holding NaN.
+
+    A tile is a block of latents (at least ``min_block``) by a chunk of vectors. Latent blocks go
+    outside, so each block of W is read once while ``u`` (small) stays in cache; the C kernel
+    folds each tile in while it is still in cache.
+    """
+    n, n_latents = u.shape[0], W.shape[0]
+    n_blocks = -(-n_latents // LATENT_BLOCK) if n_latents > TILED_MIN_LATENTS else 1
+    block = max(-(-n_latents // n_blocks), min_block)
+    rows = max(16, TILE_BYTES // (block * W.element_size()))
+    buf = _buffer("tile", (min(rows, n) * block,), W.dtype, W.device)
+    failed = 0
+    for c0 in range(0, n_latents, block):
+        W_block = W[c0 : c0 + block]
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            tile = torch.mm(u[r0:r1], W_block.T, out=buf[: (r1 - r0) * len(W_block)].view(r1 - r0, -1))
+            failed += state.add(tile, c0, slice(row0 + r0, row0 + r1))
+    return failed
 
 
 def _encode_rows(inputs: Callable[[int, int], Tensor], x: Tensor, W: Tensor, k: int, auxk: int,
