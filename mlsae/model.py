@@ -109,9 +109,11 @@ class MLSAE(
 
     def encode(self, x: Tensor) -> TopK:
         """Latents of raw input vectors ``[..., d]``: TopK values (after ReLU) and indices ``[..., k]``."""
-        z = self.standardize(x).x
+        return self._encode_standardized(self.standardize(x).x)
+
+    def _encode_standardized(self, z: Tensor) -> TopK:
         topk, _ = topk_encode((z - self.b_pre).reshape(-1, z.shape[-1]), self.W_enc, self.config.k)
-        return TopK(*(t.reshape(*x.shape[:-1], -1) for t in topk))
+        return TopK(*(t.reshape(*z.shape[:-1], -1) for t in topk))
 
     def decode(self, topk: TopK, standardized: Standardized | None = None) -> Tensor:
         """Reconstruct from latents; de-standardize with the input's own mean and scale when given."""
@@ -123,8 +125,7 @@ class MLSAE(
     def forward(self, x: Tensor) -> tuple[Tensor, TopK]:
         """Reconstruction and latents of raw input vectors ``[..., d]``."""
         s = self.standardize(x)
-        topk, _ = topk_encode((s.x - self.b_pre).reshape(-1, x.shape[-1]), self.W_enc, self.config.k)
-        topk = TopK(*(t.reshape(*x.shape[:-1], -1) for t in topk))
+        topk = self._encode_standardized(s.x)
         return self.decode(topk, s), topk
 
     def loss(self, x: Tensor) -> Loss:
@@ -228,7 +229,7 @@ def load_folder(folder: Path, map_location: str = "cpu") -> MLSAE:
     try:
         raw = json.loads(config_path.read_text())
         state = load_file(weights_path, device=str(map_location))
-    except (json.JSONDecodeError, OSError, Exception) as e:  # safetensors raises its own error types
+    except Exception as e:  # JSON, I/O, and safetensors' own error types
         raise MLSAEError(f"cannot read MLSAE weights in {folder}: {e}") from e
     if "W_enc" in state:
         known = {f.name for f in fields(SAEConfig)}

@@ -309,23 +309,26 @@ def train_step(
 ) -> list[dict]:
     """One optimizer step of every run over the micro-batches of this rank; returns their stats."""
     n_micro = len(batches)
-    stats = [{"loss": 0.0, "fvu": torch.zeros(len(layers)), "auxk": 0.0, "l0": 0.0} for _ in runs]
-    fired = [torch.zeros(len(layers), r.sae.config.n_latents, dtype=torch.bool, device=r.sae.W_enc.device) for r in runs]
+    device = runs[0].sae.W_enc.device
+    # Summed on the device (scalars in float64, as Python floats would be): no host sync per micro-batch.
+    scalars = [torch.zeros(3, dtype=torch.float64, device=device) for _ in runs]  # loss, auxk, l0
+    fvus = [torch.zeros(len(layers), device=device) for _ in runs]
+    fired = [torch.zeros(len(layers), r.sae.config.n_latents, dtype=torch.bool, device=device) for r in runs]
     n_tokens = torch.zeros((), dtype=torch.long)
     for i, ids in enumerate(batches):
         with torch.no_grad(), autocast:
             x = residual_batch(transformer, ids, layers, cfg.skip_special_tokens)
         n_tokens += x.shape[1]
-        for run, st, fi in zip(runs, stats, fired):
+        for run, sc, fvu, fi in zip(runs, scalars, fvus, fired):
             with autocast:
                 out = run.loss(x, sync=i == n_micro - 1)
             (out.loss / n_micro).backward()
-            st["loss"] += out.loss.item() / n_micro
-            st["fvu"] += out.fvu.cpu() / n_micro
-            st["auxk"] += out.auxk.item() / n_micro
-            st["l0"] += (out.topk.values > cfg.dead_threshold).sum(-1).float().mean().item() / n_micro
+            l0 = (out.topk.values > cfg.dead_threshold).sum(-1).float().mean()
+            sc += torch.stack([out.loss.detach(), out.auxk.detach(), l0]).double() / n_micro
+            fvu += out.fvu / n_micro
             fi |= run.sae.fired(out.topk)
     n_tokens = int(all_reduce(n_tokens))
+    stats = [dict(zip(("loss", "auxk", "l0"), sc.tolist()), fvu=fvu.cpu()) for sc, fvu in zip(scalars, fvus)]
     for run, st, fi in zip(runs, stats, fired):
         run.sae.project_decoder_grad()
         run.optimizer.step()
