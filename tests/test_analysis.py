@@ -100,7 +100,9 @@ def test_dists_save_load_round_trip(tmp_path):
     assert back.layers == [4, 5, 6] and back.tokens == 9
     torch.testing.assert_close(back.counts, d.counts)
     assert set(pd.read_csv(tmp_path / "dists.csv").columns) >= {"latent", "layer_mean", "layer_std", "fired"}
-    assert json.loads((tmp_path / "dists.json").read_text())["n_fired"] == d.summary()["n_fired"]
+    summary = json.loads((tmp_path / "dists.json").read_text())
+    assert summary["n_fired"] == d.summary()["n_fired"]
+    assert summary["x"] == 1 and summary["layers"] == [4, 5, 6] and summary["tokens"] == 9  # the caller's meta, typed
 
 
 # ----------------------------------------------------------------------------------------------

@@ -116,10 +116,10 @@ class Dists:
 
     def save(self, out: Path, meta: dict | None = None) -> Path:
         """Write the three files; ``meta`` (e.g. ``{"config": ..., "pass": ...}``) goes into dists.json."""
-        meta = {"layers": json.dumps(self.layers), "tokens": str(self.tokens)}
+        header = {"layers": json.dumps(self.layers), "tokens": str(self.tokens)}  # safetensors metadata: strings
         with atomic_path(out / "dists.safetensors") as tmp:
             save_file({"counts": self.counts.float().contiguous(), "totals": self.totals.float().contiguous()},
-                      tmp, metadata=meta)
+                      tmp, metadata=header)
         with atomic_path(out / "dists.csv") as tmp:
             self.frame().to_csv(tmp, index=False)
         write_json(out / "dists.json", {**self.summary(), "layers": self.layers, **(meta or {})})

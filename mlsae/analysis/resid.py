@@ -25,10 +25,10 @@ from simple_parsing import field as flag
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mlsae.analysis.common import DataOptions, config_dict, parse, sae_name, write_json
+from mlsae.analysis.common import DataOptions, config_dict, default_out_dir, parse, write_json
 from mlsae.data import load_chunks
 from mlsae.fetch import DEFAULT_MODEL
-from mlsae.train import pick_device
+from mlsae.train import pick_device, residual_batch
 from mlsae.transformer import Transformer, load_transformer
 from mlsae.utils import atomic_path, run_cli
 
@@ -111,8 +111,8 @@ def resid_stats(transformer: Transformer, chunks: Tensor, layers: list[int], bat
         for start in tqdm(range(0, len(chunks), batch_size), desc=desc, unit="batch"):
             ids = chunks[start : start + batch_size].to(device)
             with autocast:
-                acts = transformer.residuals(ids, layers)
-            yield acts[:, ~transformer.special_mask(ids)].float()
+                x = residual_batch(transformer, ids, layers, skip_special=True)
+            yield x
 
     moments = ResidMoments(len(layers), transformer.d_model)
     for x in batches("resid: means"):
@@ -136,7 +136,7 @@ class ResidOptions:
 
 
 def output_dir(cfg: ResidOptions) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else Path("out") / "analysis" / sae_name(cfg.model_name)
+    return Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.model_name)
 
 
 def run(cfg: ResidOptions) -> tuple[pd.DataFrame, dict]:

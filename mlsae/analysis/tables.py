@@ -107,18 +107,23 @@ class TablesOptions:
     """Where tables.csv and tables_layers.csv go."""
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse(TablesOptions, argv, __doc__.split("\n\n")[0])
-    df = collect(cfg.root)
-    out = Path(cfg.out_dir)
+def write(df: pd.DataFrame, out: Path) -> Path:
+    """``tables.csv`` (one row per SAE) and ``tables_layers.csv`` (per SAE, metric and layer) in ``out``."""
     with atomic_path(out / "tables.csv") as tmp:
         df.to_csv(tmp, index=False)
     with atomic_path(out / "tables_layers.csv") as tmp:
         per_layer(df).to_csv(tmp, index=False)
+    return out / "tables.csv"
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse(TablesOptions, argv, __doc__.split("\n\n")[0])
+    df = collect(cfg.root)
+    path = write(df, Path(cfg.out_dir))
     show = [c for c in ["name", "layers", "train/fvu/avg", "train/mse/avg", "train/l0/avg", "val/loss/delta/avg",
                         "val/logit/kldiv/avg"] if c in df.columns]
     print(df[show].to_string(index=False))
-    print(out / "tables.csv")
+    print(path)
 
 
 if __name__ == "__main__":

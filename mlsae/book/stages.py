@@ -20,7 +20,7 @@ import pandas as pd
 
 from mlsae.model import repo_id
 from mlsae.train import RESUMABLE, TrainConfig, train
-from mlsae.utils import MLSAEError, atomic_path, atomic_write_text
+from mlsae.utils import MLSAEError, atomic_write_text
 
 from mlsae.book.profile import EvalConfig
 
@@ -262,13 +262,7 @@ def write_tables(out_dir: str | Path) -> Path:
     (one row per SAE) and ``tables_layers.csv`` (one row per SAE, metric and layer)."""
     from mlsae.analysis import tables
 
-    out = Path(out_dir) / "analysis"
-    df = tables.collect(Path(out_dir) / "eval")
-    with atomic_path(out / "tables.csv") as tmp:
-        df.to_csv(tmp, index=False)
-    with atomic_path(out / "tables_layers.csv") as tmp:
-        tables.per_layer(df).to_csv(tmp, index=False)
-    return out / "tables.csv"
+    return tables.write(tables.collect(Path(out_dir) / "eval"), Path(out_dir) / "analysis")
 
 
 def read_metrics(run_dir: str | Path):
