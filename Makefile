@@ -16,8 +16,8 @@ BOOK    := $(OUT)/book/_build/html/index.html
 NOTEBOOKS := train evaluation residual_geometry layer_distributions examples prompt_heatmaps \
              decoder_geometry baselines performance
 EXECUTED  := $(NOTEBOOKS:%=$(NB_OUT)/%.ipynb)
-# What the notebooks' results depend on: the package (the explorer app aside) and the profile.
-PKG_SRC := $(filter-out mlsae/explorer%,$(shell find mlsae -name '*.py' -not -path '*/__pycache__/*'))
+# What the notebooks' results depend on: the package (the ipywidgets app aside) and the profile.
+PKG_SRC := $(filter-out mlsae/explorer_app.py,$(shell find mlsae -name '*.py' -not -path '*/__pycache__/*'))
 
 .PHONY: all setup test fetch train eval notebooks book clean help
 

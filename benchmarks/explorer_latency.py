@@ -66,7 +66,8 @@ def in_process(sae, tf, n_tokens: int, repeats: int, precision: str = "fp32") ->
     times: dict[str, list[float]] = {k: [] for k in ("submit", "layer", "latent", "position", "threshold", "factor")}
     layers = app.ex.layers
     for r in range(repeats):
-        times["submit"].append(timed(lambda: app.submit(prompt_of(tf.tokenizer, n_tokens, salt=r))))
+        prompt = prompt_of(tf.tokenizer, n_tokens, salt=r)  # made before the clock starts
+        times["submit"].append(timed(lambda: app.submit(prompt)))
         assert app.run.n_tokens == n_tokens, app.run.n_tokens
         times["layer"].append(timed(lambda: setattr(app.layer_box, "value", layers[(r * 7 + 3) % len(layers)])))
         times["latent"].append(timed(lambda: setattr(app.latent_box, "value", (r * 997 + 11) % app.ex.n_latents)))

@@ -155,7 +155,7 @@ class PromptRun:
     def truncated(self) -> bool:
         return self.n_tokens_in > self.n_tokens
 
-    @property
+    @functools.cached_property
     def tokens(self) -> list[str]:
         """Token labels with whitespace made visible."""
         return [visible(t) for t in self.texts]
@@ -261,26 +261,28 @@ class Explorer:
     def submit(self, prompt: str) -> PromptRun:
         """Run (or fetch from the cache) the forward pass for ``prompt``."""
         ids, n_in = self.tokenize(prompt)
-        return self._runs.get_or((tuple(ids.tolist()), n_in), lambda: self._run(prompt, ids, n_in))
+        key = (tuple(ids.tolist()), n_in)
+        return self._runs.get_or(key, lambda: self._run(prompt, ids, n_in, key))
 
     @torch.no_grad()
-    def _run(self, prompt: str, ids: Tensor, n_in: int) -> PromptRun:
+    def _run(self, prompt: str, ids: Tensor, n_in: int, key: tuple) -> PromptRun:
         tf, sae = self.transformer, self.sae
         with self._autocast():
             resid, logits = tf.run_with_residuals(ids[None], self.layers)
         resid = resid[:, 0].float()
         special = tf.special_mask(ids[None])[0].cpu()
-        recon, topk = sae(resid)
+        s = sae.standardize(resid)
+        topk = sae.encode_standardized(s.x)
+        recon = sae.decode(topk, s)  # = sae(resid), keeping the standardization for its scale
         values = topk.values.masked_fill(special.to(topk.values.device)[None, :, None], 0.0)
         recon = torch.where(special.to(resid.device)[None, :, None], resid, recon)
-        scale = sae.standardize(resid).scale
-        scale = scale if isinstance(scale, Tensor) else torch.ones_like(resid[..., :1])
+        scale = s.scale if isinstance(s.scale, Tensor) else torch.ones_like(resid[..., :1])
         texts = token_texts(tf.tokenizer, ids.tolist())
         if n_in > len(ids):
             prompt = tf.tokenizer.decode(ids.tolist())
         topk = TopK(values.cpu(), topk.indices.cpu())  # small; every view indexes it on the CPU
         return PromptRun(prompt, ids, texts, special, n_in, resid, topk, recon, scale, logits[0].float(),
-                         key=(tuple(ids.tolist()), n_in))
+                         key=key)
 
     # -- activations --------------------------------------------------------------------------
 
@@ -546,7 +548,5 @@ def load_explorer(
             raise MLSAEError("this MLSAE does not name its transformer: pass one")
         transformer = sae.config.model_name
     if not isinstance(transformer, Transformer):
-        from mlsae.transformer import load_transformer
-
-        transformer = Transformer(*load_transformer(str(transformer), device=device), name=str(transformer))
+        transformer = Transformer.from_pretrained(transformer, device=device)
     return Explorer(sae, transformer, examples, **kwargs)

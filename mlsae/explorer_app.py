@@ -28,6 +28,8 @@ from mlsae.explorer import (
     Explorer,
     ExplorerInputError,
     PromptRun,
+    check_factor,
+    check_threshold,
     find_default_sae,
     find_examples,
     load_explorer,
@@ -206,15 +208,11 @@ class ExplorerApp:
 
     @_guarded
     def set_threshold(self, threshold: float) -> None:
-        from mlsae.explorer import check_threshold
-
         self.threshold = check_threshold(threshold)
         self._timed("threshold", {"position"})
 
     @_guarded
     def set_factor(self, factor: float) -> None:
-        from mlsae.explorer import check_factor
-
         self.factor = check_factor(factor)
         self._timed("factor", {"logits"})
 
@@ -270,7 +268,7 @@ class ExplorerApp:
 
     def _redraw(self, parts: set[str]) -> None:
         draw = {
-            "strip": self._draw_strip, "strip_outline": self._draw_strip, "latent": self._draw_latent,
+            "strip": self._draw_strip, "strip_outline": self._draw_outline, "latent": self._draw_latent,
             "hist": self._draw_hist, "position": self._draw_position, "heatmap": self._draw_heatmap,
             "examples": self._draw_examples, "logits": self._draw_logits,
         }
@@ -305,9 +303,15 @@ class ExplorerApp:
         acts = ex.latent_acts(run, self.latent)
         values = acts[ex.layer_index(self.layer)].tolist()
         top = float(acts.max())  # one scale for all layers, so layers compare at a glance
+        special, ids = run.special.tolist(), run.input_ids.tolist()
         for i, (b, v) in enumerate(zip(self._buttons, values)):
-            b.style.button_color = _BLANK if run.special[i] else figs.shade(v, top)
-            b.tooltip = f"position {i} · token id {int(run.input_ids[i])} · activation {v:.3f}"
+            b.style.button_color = _BLANK if special[i] else figs.shade(v, top)
+            b.tooltip = f"position {i} · token id {ids[i]} · activation {v:.3f}"
+        self._draw_outline()
+
+    def _draw_outline(self) -> None:
+        """Outline the selected position's token (a position change redraws only this)."""
+        for i, b in enumerate(self._buttons[: self.run.n_tokens]):
             b.layout.border = f"2px solid {figs.ACCENT}" if i == self.position else "1px solid #ddd"
 
     def _draw_latent(self) -> None:

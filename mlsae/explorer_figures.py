@@ -17,7 +17,18 @@ import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from mlsae.explorer import Explorer, Histograms, LatentLayerMatrix, Logit, LogitLists, PromptRun, token_texts, visible
+from mlsae.explorer import (
+    STEER_RANGE,
+    THRESHOLD,
+    Explorer,
+    Histograms,
+    LatentLayerMatrix,
+    Logit,
+    LogitLists,
+    PromptRun,
+    token_texts,
+    visible,
+)
 
 ACCENT = "#1565c0"  # selection outlines
 SHADE = (255, 127, 14)  # activation shading (plotly's orange)
@@ -72,12 +83,6 @@ def layer_band(layer: int) -> dict:
     return dict(type="rect", xref="paper", x0=0, x1=1, y0=layer - 0.5, y1=layer + 0.5, line=dict(color=ACCENT, width=2))
 
 
-def position_band(position: int) -> dict:
-    """A dotted outline around one token's column."""
-    return dict(type="rect", yref="paper", y0=0, y1=1, x0=position - 0.5, x1=position + 0.5,
-                line=dict(color=ACCENT, width=1.5, dash="dot"))
-
-
 def latent_band(m: LatentLayerMatrix, latent: int | None) -> list[dict]:
     """An outline around a latent's column of a latent x layer figure, if it is there."""
     if latent is None or latent not in m.latents:
@@ -90,7 +95,7 @@ def latent_band(m: LatentLayerMatrix, latent: int | None) -> list[dict]:
 
 
 def latent_layer_figure(
-    m: LatentLayerMatrix, title: str, *, value_name: str = "activation", selected_latent: int | None = None
+    m: LatentLayerMatrix, title: str, *, value_name: str = "activation"
 ) -> go.Figure:
     """Latents (sorted by mean layer) along x, layers along y, with each latent's mean layer marked.
 
@@ -112,7 +117,7 @@ def latent_layer_figure(
         marker=dict(size=4, color="white", line=dict(width=0.5)),
         hovertemplate="latent %{customdata}: mean layer %{y:.2f}<extra></extra>",
     ))
-    fig.update_layout(**_heat_layout(title), shapes=latent_band(m, selected_latent))
+    fig.update_layout(**_heat_layout(title))
     _layer_axis(fig, m.layers)
     few = n <= 40
     fig.update_xaxes(title_text=f"{n} latents, sorted by mean layer", showticklabels=few,
@@ -124,7 +129,7 @@ def latent_layer_figure(
     return fig
 
 
-def histogram_figure(h: Histograms, layers: Sequence[int], selected_layer: int | None = None) -> go.Figure:
+def histogram_figure(h: Histograms, layers: Sequence[int]) -> go.Figure:
     """Per-layer histograms of the prompt's activations as one layer x activation heatmap (log counts)."""
     centres = _np((h.edges[1:] + h.edges[:-1]) / 2)
     fig = go.Figure(go.Heatmap(
@@ -133,16 +138,14 @@ def histogram_figure(h: Histograms, layers: Sequence[int], selected_layer: int |
         hovertemplate="layer %{y}<br>activation %{x:.3g}<br>%{customdata} latents<extra></extra>",
         colorbar=dict(title=dict(text="log10(1+count)", side="right"), thickness=12),
     ))
-    shapes = [layer_band(selected_layer)] if selected_layer is not None else []
-    fig.update_layout(**_heat_layout("Latent activations per layer (histograms)"), shapes=shapes)
+    fig.update_layout(**_heat_layout("Latent activations per layer (histograms)"))
     _layer_axis(fig, layers)
     fig.update_xaxes(title_text="activation")
     return fig
 
 
 def latent_tokens_figure(
-    acts: Tensor, tokens: Sequence[str], layers: Sequence[int], latent: int,
-    selected_layer: int | None = None, selected_position: int | None = None,
+    acts: Tensor, tokens: Sequence[str], layers: Sequence[int], latent: int
 ) -> go.Figure:
     """One latent's activation at every (layer, token): where in depth and in the prompt it fires."""
     P = len(tokens)
@@ -152,9 +155,7 @@ def latent_tokens_figure(
         hovertemplate="token %{x} %{customdata}<br>layer %{y}<br>activation %{z:.3g}<extra></extra>",
         colorbar=dict(title=dict(text="activation", side="right"), thickness=12),
     ))
-    shapes = ([layer_band(selected_layer)] if selected_layer is not None else []) + (
-        [position_band(selected_position)] if selected_position is not None else [])
-    fig.update_layout(**_heat_layout(f"Latent {latent} at every layer and token"), shapes=shapes)
+    fig.update_layout(**_heat_layout(f"Latent {latent} at every layer and token"))
     _layer_axis(fig, layers)
     fig.update_xaxes(title_text="token", tickmode="array", tickvals=list(range(P)) if P <= 48 else None,
                      ticktext=list(tokens) if P <= 48 else None, tickangle=-60)
@@ -233,7 +234,7 @@ def logits_html(panels: dict[str, LogitLists | str]) -> str:
         if isinstance(ll, str):
             body = f"<div style='color:#a00'>{html.escape(ll)}</div>"
         else:
-            body = logit_table_html("top 16", ll.top)
+            body = logit_table_html(f"top {len(ll.top)}", ll.top)
             if ll.increases or ll.decreases:
                 body += logit_table_html("largest increases", ll.increases, signed=True)
                 body += logit_table_html("largest decreases", ll.decreases, signed=True)
@@ -252,7 +253,7 @@ class View:
 
 
 def book_views(explorer: Explorer, prompts: Sequence[str], *, n_latents: int = 8, factor: float = 5.0,
-               threshold: float = 0.05) -> list[View]:
+               threshold: float = THRESHOLD) -> list[View]:
     """Precomputed interactive views of a few prompts, for the book's explorer chapter.
 
     Per prompt: the whole-prompt heatmap, the per-layer histograms, the top latents across layers and
@@ -336,7 +337,7 @@ def _recon_dropdown_figure(ex: Explorer, run: PromptRun, position: int) -> go.Fi
 def _steer_dropdown_figure(ex: Explorer, run: PromptRun, layer: int, latent: int, position: int,
                            factor: float) -> go.Figure:
     factors = [-2 * factor, -factor, factor, 2 * factor]
-    factors = [max(-10.0, min(10.0, f)) for f in factors]
+    factors = [max(STEER_RANGE[0], min(STEER_RANGE[1], f)) for f in factors]
     clean = ex.logits_clean(run, position)
     fig = go.Figure()
     for i, f in enumerate(factors):
@@ -358,10 +359,3 @@ def views_html(views: Sequence[View], *, include_plotlyjs: bool | str = True) ->
                                   config={"displaylogo": False, "responsive": True})
         parts.append(f"<section><h4>{html.escape(view.title)}</h4>{div}</section>")
     return "\n".join(parts)
-
-
-def show_views(views: Sequence[View]) -> None:
-    """Display the views in a notebook (what the book's explorer chapter calls)."""
-    from IPython.display import HTML, display
-
-    display(HTML(views_html(views)))

@@ -109,9 +109,10 @@ class MLSAE(
 
     def encode(self, x: Tensor) -> TopK:
         """Latents of raw input vectors ``[..., d]``: TopK values (after ReLU) and indices ``[..., k]``."""
-        return self._encode_standardized(self.standardize(x).x)
+        return self.encode_standardized(self.standardize(x).x)
 
-    def _encode_standardized(self, z: Tensor) -> TopK:
+    def encode_standardized(self, z: Tensor) -> TopK:
+        """Latents of vectors already standardized by ``standardize`` (its ``.x``)."""
         topk, _ = topk_encode((z - self.b_pre).reshape(-1, z.shape[-1]), self.W_enc, self.config.k)
         return TopK(*(t.reshape(*z.shape[:-1], -1) for t in topk))
 
@@ -125,7 +126,7 @@ class MLSAE(
     def forward(self, x: Tensor) -> tuple[Tensor, TopK]:
         """Reconstruction and latents of raw input vectors ``[..., d]``."""
         s = self.standardize(x)
-        topk = self._encode_standardized(s.x)
+        topk = self.encode_standardized(s.x)
         return self.decode(topk, s), topk
 
     def loss(self, x: Tensor) -> Loss:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from mlsae.book.profile import load_profile, repo_root
-from mlsae.book.results import PAPER, Results, number_tokens
+from mlsae.book.results import NUMBER, PAPER, Results, normalise, number_tokens
 from mlsae.utils import MLSAEError, atomic_write_text
 
 # Book order, which is also an order in which every notebook finds what it reads.
@@ -318,8 +318,6 @@ def check_numbers(html_dir: str | Path, results_dir: str | Path) -> list[tuple[s
         if rel.startswith(("_static", "_sources")) or path.name in SKIP_PAGES:
             continue
         text = " ".join(page_text(path).split())
-        from mlsae.book.results import NUMBER, normalise
-
         for m in NUMBER.finditer(text):
             if normalise(m.group(0)) not in allowed:
                 problems.append((rel, m.group(0), text[max(0, m.start() - 60): m.end() + 60]))

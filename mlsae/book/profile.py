@@ -26,10 +26,7 @@ import yaml
 from mlsae.train import TrainConfig
 from mlsae.utils import MLSAEError
 
-try:  # renamed in the evaluation module (pytest collected "Test*" classes)
-    from mlsae.test import EvalConfig
-except ImportError:  # pragma: no cover
-    from mlsae.test import TestConfig as EvalConfig  # type: ignore[no-redef]
+from mlsae.test import EvalConfig
 
 SECTIONS = ("cfg", "baselines", "test", "analysis", "fetch", "performance")
 

@@ -163,13 +163,12 @@ def sae_config(run_dir: str | Path) -> dict:
     return json.loads((Path(run_dir) / "config.json").read_text())
 
 
-def _fresh(path: Path, config: dict, weights: Path, ignore: tuple[str, ...] = ()) -> dict | None:
+def _fresh(path: Path, config: dict, weights: Path) -> dict | None:
     """The JSON at ``path`` if it was written after ``weights`` with the same ``config``, else None."""
     if not (path.is_file() and weights.is_file()) or path.stat().st_mtime < weights.stat().st_mtime:
         return None
     saved = json.loads(path.read_text())
-    found = {k: v for k, v in (saved.get("config") or {}).items() if k not in ignore}
-    return saved if found == json.loads(json.dumps(config)) else None
+    return saved if saved.get("config") == json.loads(json.dumps(config)) else None
 
 
 def analysis_dir(out_dir: str | Path, sae_folder: str | Path) -> Path:
@@ -200,10 +199,9 @@ def ensure_analysis_pass(sae_folder: str | Path, out_dir: str | Path, analysis: 
                       n_examples=int(analysis.get("n_examples", 32)), n_tokens=int(analysis.get("n_tokens", 4)),
                       analyses=list(analyses))
     digest = code_digest(PASS_CODE)
-    saved = _fresh(out / "run.json", asdict(opts), Path(sae_folder) / "model.safetensors",
-                   ignore=("tokens", "positions", "seconds"))
+    saved = _fresh(out / "run.json", asdict(opts), Path(sae_folder) / "model.safetensors")
     if saved is not None and _stamp_ok(out, "pass", digest):
-        return saved, {"status": "cached", "seconds": saved["config"].get("seconds", 0.0)}
+        return saved, {"status": "cached", "seconds": 0.0}
     start = time.perf_counter()
     run(opts)
     _stamp(out, "pass", digest)
