@@ -20,8 +20,8 @@ from mlsae.data import load_chunks
 from mlsae.metrics import DownstreamMetrics, ReconstructionMetrics
 from mlsae.model import MLSAE
 from mlsae.train import pick_device
-from mlsae.transformer import Transformer, load_transformer
-from mlsae.utils import MLSAEError, atomic_path, run_cli
+from mlsae.transformer import Transformer, transformer_for
+from mlsae.utils import atomic_path, run_cli
 
 
 @dataclass
@@ -58,12 +58,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     """All metrics of one MLSAE as a flat dict of CSV columns."""
     device = pick_device(cfg.device)
     sae = MLSAE.from_pretrained(cfg.repo_id).to(device)
-    model_name = cfg.model_name or sae.config.model_name
-    if model_name is None:
-        raise MLSAEError(f"{cfg.repo_id} does not name its transformer: pass --model_name")
-    transformer = Transformer(*load_transformer(model_name, device=device))
-    if transformer.d_model != sae.config.n_inputs:
-        raise MLSAEError(f"{model_name} has d_model {transformer.d_model}, the MLSAE expects {sae.config.n_inputs}")
+    transformer = transformer_for(sae, cfg.model_name, device, cfg.repo_id)
     layers = sae.config.layers or list(range(transformer.n_layers))
     chunks = load_chunks(cfg.path, cfg.split, transformer.tokenizer, cfg.max_length, max_tokens=cfg.max_tokens)
     recon_metrics = ReconstructionMetrics(len(layers), sae.config.n_latents, sae.config.dead_threshold)
@@ -121,12 +116,13 @@ def columns(layers: list[int], recon: dict, down: dict | None) -> dict[str, floa
     return out
 
 
-def write_results(results: dict[str, float], cfg: EvalConfig, name: str) -> Path:
+def write_results(results: dict[str, float], cfg: EvalConfig, name: str, extra: dict | None = None) -> Path:
+    """``test_<name>.csv`` (one row) and ``test_<name>.json`` (config, results and ``extra``)."""
     out = Path(cfg.out_dir)
     with atomic_path(out / f"test_{name}.csv") as tmp:
         pd.DataFrame([results]).to_csv(tmp, index=False)
     with atomic_path(out / f"test_{name}.json") as tmp:
-        tmp.write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=2))
+        tmp.write_text(json.dumps({"config": asdict(cfg), "results": results, **(extra or {})}, indent=2))
     return out / f"test_{name}.csv"
 
 

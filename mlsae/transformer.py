@@ -572,3 +572,15 @@ class Transformer(nn.Module):
         finally:
             for i, block in enumerate(originals):
                 blocks[i] = block
+
+
+def transformer_for(sae, model_name: str | None, device: torch.device, source: str) -> Transformer:
+    """The transformer an MLSAE reads: ``model_name``, else the one its config names; its width
+    is checked against the MLSAE's (``source`` names the MLSAE in errors)."""
+    name = model_name or sae.config.model_name
+    if name is None:
+        raise MLSAEError(f"{source} does not name its transformer: pass --model_name")
+    transformer = Transformer(*load_transformer(name, device=device))
+    if transformer.d_model != sae.config.n_inputs:
+        raise MLSAEError(f"{name} has d_model {transformer.d_model}, the MLSAE expects {sae.config.n_inputs}")
+    return transformer

@@ -13,7 +13,7 @@ from simple_parsing import ArgumentParser
 
 from mlsae.model import MLSAE
 from mlsae.train import pick_device
-from mlsae.transformer import Transformer, load_transformer
+from mlsae.transformer import Transformer, transformer_for
 from mlsae.utils import MLSAEError, atomic_write_text
 
 C = TypeVar("C")
@@ -89,15 +89,10 @@ def load_pair(repo_id: str, model_name: str | None = None,
     """The MLSAE, its transformer and the transformer layers it reads (in its order)."""
     dev = pick_device(device)
     sae = load_sae(repo_id, dev)
-    name = model_name or sae.config.model_name
-    if name is None:
-        raise MLSAEError(f"{repo_id} does not name its transformer: pass --model_name")
-    transformer = Transformer(*load_transformer(name, device=dev))
-    if transformer.d_model != sae.config.n_inputs:
-        raise MLSAEError(f"{name} has d_model {transformer.d_model}, the MLSAE expects {sae.config.n_inputs}")
+    transformer = transformer_for(sae, model_name, dev, repo_id)
     layers = list(sae.config.layers) if sae.config.layers else list(range(transformer.n_layers))
     if len(layers) != sae.config.n_layers:
-        raise MLSAEError(f"the MLSAE reads {sae.config.n_layers} layers but {name} has {transformer.n_layers}")
+        raise MLSAEError(f"the MLSAE reads {sae.config.n_layers} layers but {transformer.name} has {transformer.n_layers}")
     return sae, transformer, layers
 
 

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import re
-
 import pandas as pd
 
+from mlsae.analysis.tables import PER_LAYER
+from mlsae.test import COLUMNS
+
+LABELS = {"fvu": "FVU", "mse": "MSE", "l0": "L0", "l1": "L1", "dead": "dead", "delta_ce": "ΔCE", "kl": "KL",
+          "ce_recovered": "CE recovered", "ce_spliced": "CE spliced", "ce_zero": "CE zero-ablated"}
 # metric -> (column prefix in mlsae.test's results, label in the book)
-METRICS = {
-    "fvu": ("train/fvu", "FVU"),
-    "mse": ("train/mse", "MSE"),
-    "l0": ("train/l0", "L0"),
-    "l1": ("train/l1", "L1"),
-    "dead": ("train/dead", "dead"),
-    "delta_ce": ("val/loss/delta", "ΔCE"),
-    "kl": ("val/logit/kldiv", "KL"),
-    "ce_recovered": ("val/loss/recovered", "CE recovered"),
-    "ce_spliced": ("val/loss/spliced", "CE spliced"),
-    "ce_zero": ("val/loss/zero", "CE zero-ablated"),
-}
+METRICS = {metric: (COLUMNS[metric], label) for metric, label in LABELS.items()}
 
 DEFINITIONS = {
     "FVU": "fraction of variance unexplained: sum of squared reconstruction errors over the sum of squared "
@@ -37,15 +29,14 @@ DEFINITIONS = {
 
 def per_layer(results: dict[str, float], metrics=tuple(METRICS)) -> pd.DataFrame:
     """``[layer x metric]`` from one SAE's results (layers are transformer layers)."""
+    metric_of = {METRICS[metric][0]: metric for metric in metrics}
     rows: dict[int, dict[str, float]] = {}
-    for metric in metrics:
-        prefix = METRICS[metric][0]
-        pattern = re.compile(re.escape(prefix) + r"/layer_(\d+)$")
-        for key, value in results.items():
-            m = pattern.match(key)
-            if m:
-                rows.setdefault(int(m.group(1)), {})[metric] = value
+    for key, value in results.items():
+        m = PER_LAYER.match(key)
+        if m and m["metric"] in metric_of:
+            rows.setdefault(int(m["layer"]), {})[metric_of[m["metric"]]] = value
     frame = pd.DataFrame.from_dict(rows, orient="index").sort_index()
+    frame = frame[[metric for metric in metrics if metric in frame.columns]]  # in the order asked for
     frame.index.name = "layer"
     return frame
 

@@ -140,10 +140,7 @@ def ensure_evaluated(cfg: EvalConfig) -> tuple[dict, dict]:
     start = time.perf_counter()
     results = evaluate(cfg)
     seconds = time.perf_counter() - start
-    write_results(results, cfg, Path(cfg.repo_id.rstrip("/")).name)
-    saved = json.loads(path.read_text())
-    saved["seconds"], saved["code"] = seconds, digest
-    atomic_write_text(path, json.dumps(saved, indent=2))
+    write_results(results, cfg, Path(cfg.repo_id.rstrip("/")).name, extra={"seconds": seconds, "code": digest})
     return results, {"status": "computed", "seconds": seconds}
 
 
