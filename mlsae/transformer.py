@@ -103,6 +103,20 @@ def _local_source(name: str) -> tuple[str, dict] | None:
     return None
 
 
+def load_tokenizer(name: str):
+    """The tokenizer alone of ``name`` (the embedded default, a folder, a .gguf or a hub id)."""
+    from transformers import AutoTokenizer
+
+    try:
+        local = _local_source(name)
+        if local is None:
+            return AutoTokenizer.from_pretrained(name)
+        source, kwargs = local
+        return AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise MLSAEError(f"cannot load the tokenizer of {name!r}: {e}") from e
+
+
 def _hub_offline() -> bool:
     flag = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("TRANSFORMERS_OFFLINE", "")
     if flag.strip().upper() in {"1", "ON", "YES", "TRUE"}:

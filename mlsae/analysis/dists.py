@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from mlsae.analysis.common import SAEOptions, config_dict, parse, write_json
@@ -44,7 +45,10 @@ class DistsAccumulator:
         self.dead_threshold = dead_threshold
 
     def update(self, batch: Batch) -> None:
-        values, indices = batch.topk
+        self.add(*batch.topk)
+
+    def add(self, values: Tensor, indices: Tensor) -> None:
+        """Add TopK ``values, indices [L, ..., k]`` (on this accumulator's device)."""
         L = values.shape[0]
         values, indices = values.reshape(L, -1).double(), indices.reshape(L, -1)
         self.counts.scatter_add_(1, indices, (values > self.dead_threshold).double())
@@ -80,12 +84,16 @@ class Dists:
         return (totals / total.where(total > 0, torch.nan)).float()
 
     @cached_property
-    def layer_mean(self) -> Tensor:
-        return _moments(self.probs)[0]
+    def _layer_moments(self) -> tuple[Tensor, Tensor]:
+        return _moments(self.probs)
 
-    @cached_property
+    @property
+    def layer_mean(self) -> Tensor:
+        return self._layer_moments[0]
+
+    @property
     def layer_var(self) -> Tensor:
-        return _moments(self.probs)[1]
+        return self._layer_moments[1]
 
     @cached_property
     def layer_std(self) -> Tensor:
@@ -133,12 +141,9 @@ class Dists:
             path = path / "dists.safetensors"
         if not path.is_file():
             raise MLSAEError(f"no dists file at {path}: run python -m mlsae.analysis.dists (or .run) first")
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(path)
-        counts, totals = tensors["counts"], tensors["totals"]
+            counts, totals = f.get_tensor("counts"), f.get_tensor("totals")
         layers = json.loads(meta["layers"]) if "layers" in meta else list(range(counts.shape[0]))
         return cls(counts, totals, layers, int(meta.get("tokens", 0)))
 

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from mlsae.analysis.common import SAEOptions, config_dict, parse
 from mlsae.analysis.stream import Batch, prepare, stream
+from mlsae.transformer import load_tokenizer
 from mlsae.utils import MLSAEError, atomic_path, run_cli
 
 FORMAT = 1
@@ -211,30 +212,20 @@ class Examples:
     def _vocab(self) -> np.ndarray:
         tok = self.tokenizer
         if tok is None:
-            tok = self.tokenizer = load_tokenizer(self.meta.get("model_name"))
-        return np.array(tok.batch_decode([[i] for i in range(len(tok))]), dtype=object)
+            name = self.meta.get("model_name")
+            if not name:
+                raise MLSAEError("the examples do not name their transformer: pass tokenizer= to load_examples")
+            tok = self.tokenizer = load_tokenizer(name)
+        return token_strings(tok)
 
     def decode(self, token_ids) -> list[str]:
         """Each token id as its own string (e.g. ``[' the', ' cat']``)."""
         return self._vocab[np.asarray(token_ids, dtype=np.int64)].tolist()
 
 
-def load_tokenizer(model_name: str | None):
-    """The tokenizer of ``model_name`` (the embedded default, a folder, a .gguf or a hub id)."""
-    from transformers import AutoTokenizer
-
-    from mlsae.transformer import _local_source
-
-    if not model_name:
-        raise MLSAEError("the examples do not name their transformer: pass tokenizer= to load_examples")
-    try:
-        local = _local_source(model_name)
-        if local is None:
-            return AutoTokenizer.from_pretrained(model_name)
-        source, kwargs = local
-        return AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as e:
-        raise MLSAEError(f"cannot load the tokenizer of {model_name!r}: {e}") from e
+def token_strings(tokenizer) -> np.ndarray:
+    """Every token id of the vocabulary as its own string (object array, indexed by id)."""
+    return np.array(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]), dtype=object)
 
 
 def load_examples(folder: str | Path, tokenizer=None) -> Examples:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from mlsae.analysis.common import default_out_dir, load_pair, parse
+from mlsae.analysis.dists import DistsAccumulator
 from mlsae.analysis.stream import encode_batch
 from mlsae.model import MLSAE
 from mlsae.transformer import Transformer
@@ -54,11 +55,10 @@ def heatmap_from_topk(values: Tensor, indices: Tensor, n_latents: int,
                       threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(latents, totals, probs, centre) from TopK ``values, indices [L, N, k]`` of one prompt's positions."""
     L = values.shape[0]
-    v, i = values.reshape(L, -1).double(), indices.reshape(L, -1)
-    totals = torch.zeros(L, n_latents, dtype=torch.float64).scatter_add_(1, i.cpu(), v.cpu())
-    fired = torch.zeros(L, n_latents, dtype=torch.float64).scatter_add_(1, i.cpu(), (v > threshold).double().cpu())
-    keep = (fired.sum(0) > 0).nonzero().squeeze(1)
-    totals = totals[:, keep]
+    acc = DistsAccumulator(L, n_latents, threshold)
+    acc.add(values.cpu(), indices.cpu())
+    keep = (acc.counts.sum(0) > 0).nonzero().squeeze(1)
+    totals = acc.totals[:, keep]
     probs = totals / totals.sum(0)
     centre = (torch.arange(L, dtype=torch.float64)[:, None] * probs).sum(0)
     order = centre.argsort(stable=True)
