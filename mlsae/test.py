@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from mlsae.data import load_chunks
 from mlsae.metrics import DownstreamMetrics, ReconstructionMetrics
-from mlsae.model import MLSAE
+from mlsae.model import MLSAE, sae_name
 from mlsae.train import pick_device
 from mlsae.transformer import Transformer, transformer_for
 from mlsae.utils import atomic_path, run_cli
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_arguments(EvalConfig, dest="cfg")
     cfg = parser.parse_args(argv).cfg
     results = evaluate(cfg)
-    path = write_results(results, cfg, Path(cfg.repo_id.rstrip("/")).name)
+    path = write_results(results, cfg, sae_name(cfg.repo_id))
     summary = {k: round(v, 4) for k, v in results.items() if k.endswith("/avg") or k == "train/dead/rel"}
     print(json.dumps(summary, indent=2))
     print(path)

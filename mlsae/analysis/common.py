@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import torch
 from simple_parsing import ArgumentParser
 
-from mlsae.model import MLSAE
+from mlsae.model import MLSAE, sae_name
 from mlsae.train import pick_device
 from mlsae.transformer import Transformer, transformer_for
 from mlsae.utils import MLSAEError, atomic_write_text
@@ -61,16 +61,12 @@ class SAEOptions:
 
     @property
     def out(self) -> Path:
-        return Path(self.out_dir) if self.out_dir else default_out_dir(self.repo_id)
+        return output_dir(self.out_dir, self.repo_id)
 
 
-def sae_name(repo_id: str) -> str:
-    """``runs/default/mlsae-x-x8-k32/`` and ``owner/mlsae-x-x8-k32`` are both ``mlsae-x-x8-k32``."""
-    return Path(str(repo_id).rstrip("/")).name
-
-
-def default_out_dir(name: str) -> Path:
-    return Path("out") / "analysis" / sae_name(name)
+def output_dir(out_dir: str | None, name: str) -> Path:
+    """``out_dir`` if given, else ``out/analysis/<name of the MLSAE or model>``."""
+    return Path(out_dir) if out_dir else Path("out") / "analysis" / sae_name(name)
 
 
 def parse(config: type[C], argv: list[str] | None, description: str | None) -> C:

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from mlsae.analysis.common import config_dict, default_out_dir, load_sae, parse, write_json
+from mlsae.analysis.common import config_dict, load_sae, output_dir, parse, write_json
 from mlsae.analysis.dists import Dists
 from mlsae.train import pick_device
 from mlsae.transformer import load_transformer
@@ -184,7 +184,7 @@ def run(cfg: DecoderOptions) -> dict:
     """Compute and write ``decoder.csv``, ``decoder.json`` (and the pair tables); returns the summary."""
     device = pick_device(cfg.device)
     sae = load_sae(cfg.repo_id, device)
-    out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.repo_id)
+    out = output_dir(cfg.out_dir, cfg.repo_id)
     W = sae.W_dec.detach()
     max_cos, partner = max_cos_others(W, cfg.chunk)
     per_latent = pd.DataFrame({"latent": np.arange(len(W)), "max_cos": max_cos.cpu().numpy(),
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(summary, indent=2))
     if "pairs" not in summary:
         print("no dists.safetensors: the pair analysis was skipped (run python -m mlsae.analysis.dists first)")
-    print((Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.repo_id)) / "decoder.json")
+    print(output_dir(cfg.out_dir, cfg.repo_id) / "decoder.json")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,12 @@ Writes ``prompt.csv`` (long format: latent, layer, total, prob, centre).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from mlsae.analysis.common import default_out_dir, load_pair, parse
+from mlsae.analysis.common import load_pair, output_dir, parse
 from mlsae.analysis.dists import DistsAccumulator
 from mlsae.analysis.stream import encode_batch
 from mlsae.model import MLSAE
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse(PromptOptions, argv, __doc__.split("\n\n")[0])
     sae, transformer, layers = load_pair(cfg.repo_id, cfg.model_name, cfg.device)
     heat = prompt_heatmap(sae, transformer, cfg.prompt, layers, cfg.precision)
-    out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.repo_id)
+    out = output_dir(cfg.out_dir, cfg.repo_id)
     with atomic_path(out / "prompt.csv") as tmp:
         heat.frame().to_csv(tmp, index=False)
     print(f"{len(heat.latents)} latents fired over {len(heat.tokens)} tokens")

@@ -17,7 +17,6 @@ row per layer) and ``resid.json`` (mean of cos_next over adjacent pairs, options
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -25,7 +24,7 @@ from simple_parsing import field as flag
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mlsae.analysis.common import DataOptions, config_dict, default_out_dir, parse, write_json
+from mlsae.analysis.common import DataOptions, config_dict, output_dir, parse, write_json
 from mlsae.data import load_chunks
 from mlsae.fetch import DEFAULT_MODEL
 from mlsae.train import pick_device, residual_batch
@@ -135,10 +134,6 @@ class ResidOptions:
     """Output folder (default: out/analysis/<model name>)."""
 
 
-def output_dir(cfg: ResidOptions) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg.model_name)
-
-
 def run(cfg: ResidOptions) -> tuple[pd.DataFrame, dict]:
     """Compute and write ``resid.csv`` and ``resid.json``; returns the table and the summary."""
     device = pick_device(cfg.data.device)
@@ -147,7 +142,7 @@ def run(cfg: ResidOptions) -> tuple[pd.DataFrame, dict]:
     d = cfg.data
     chunks = load_chunks(d.path, d.split, transformer.tokenizer, d.max_length, max_tokens=d.max_tokens)
     df, tokens = resid_stats(transformer, chunks, layers, d.batch_size, d.precision)
-    out = output_dir(cfg)
+    out = output_dir(cfg.out_dir, cfg.model_name)
     with atomic_path(out / "resid.csv") as tmp:
         df.to_csv(tmp, index=False)
     summary = {"cos_next_mean": df["cos_next"].mean(), "cos_next_raw_mean": df["cos_next_raw"].mean(), "tokens": tokens,
@@ -160,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse(ResidOptions, argv, __doc__.split("\n\n")[0])
     df, _ = run(cfg)
     print(df.to_string(index=False))
-    print(output_dir(cfg) / "resid.csv")
+    print(output_dir(cfg.out_dir, cfg.model_name) / "resid.csv")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mlsae.model import repo_id
+from mlsae.model import repo_id, sae_name
 from mlsae.train import RESUMABLE, TrainConfig, train
 from mlsae.utils import MLSAEError, atomic_write_text
 
@@ -119,7 +119,7 @@ def ensure_trained(cfg: TrainConfig, *, retrain_stale: bool = True) -> tuple[lis
 
 
 def eval_path(out_dir: str | Path, run_dir: str | Path) -> Path:
-    return Path(out_dir) / f"test_{Path(str(run_dir).rstrip('/')).name}.json"
+    return Path(out_dir) / f"test_{sae_name(run_dir)}.json"
 
 
 def ensure_evaluated(cfg: EvalConfig) -> tuple[dict, dict]:
@@ -140,7 +140,7 @@ def ensure_evaluated(cfg: EvalConfig) -> tuple[dict, dict]:
     start = time.perf_counter()
     results = evaluate(cfg)
     seconds = time.perf_counter() - start
-    write_results(results, cfg, Path(cfg.repo_id.rstrip("/")).name, extra={"seconds": seconds, "code": digest})
+    write_results(results, cfg, sae_name(cfg.repo_id), extra={"seconds": seconds, "code": digest})
     return results, {"status": "computed", "seconds": seconds}
 
 
@@ -170,7 +170,7 @@ def _fresh(path: Path, config: dict, weights: Path) -> dict | None:
 
 def analysis_dir(out_dir: str | Path, sae_folder: str | Path) -> Path:
     """Where the analyses of one SAE go: ``<out>/analysis/<SAE name>``."""
-    return Path(out_dir) / "analysis" / Path(str(sae_folder).rstrip("/")).name
+    return Path(out_dir) / "analysis" / sae_name(sae_folder)
 
 
 def data_options(analysis: dict):
@@ -213,7 +213,6 @@ def ensure_resid(model_name: str, out_dir: str | Path, analysis: dict) -> tuple[
     Returns ``(per-layer table, resid.json, info)``; files in ``<out>/analysis/resid-<model>``.
     """
     from mlsae.analysis import resid
-    from mlsae.analysis.common import sae_name
 
     data = data_options({**analysis, "max_tokens": analysis.get("resid_tokens", analysis.get("max_tokens"))})
     out = Path(out_dir) / "analysis" / f"resid-{sae_name(model_name)}"
