@@ -429,12 +429,11 @@ class Explorer:
 
 
 def _sorted_by_mean_layer(latents: list[int], values: Tensor, layers: list[int]) -> LatentLayerMatrix:
-    """Rows sorted by activation-weighted mean layer (ties by latent index, for stable output)."""
+    """Rows (``latents`` ascending) sorted by activation-weighted mean layer; ties keep latent order."""
     layer_t = torch.tensor(layers, dtype=torch.float32)
-    mass = values.sum(-1).clamp_min(1e-12)
-    mean = (values * layer_t).sum(-1) / mass if len(latents) else torch.zeros(0)
-    order = sorted(range(len(latents)), key=lambda r: (float(mean[r]), latents[r]))
-    return LatentLayerMatrix([latents[r] for r in order], values[order], mean[order], list(layers))
+    mean = (values * layer_t).sum(-1) / values.sum(-1).clamp_min(1e-12)
+    order = mean.argsort(stable=True)
+    return LatentLayerMatrix([latents[r] for r in order.tolist()], values[order], mean[order], list(layers))
 
 
 def _as_int(value: Any, what: str) -> int:

@@ -52,9 +52,14 @@ selected layer on); everything else reuses the prompt's cached forward pass.
 """
 
 
+def intensity(value: float, top: float) -> float:
+    """``value`` on a 0..``top`` scale, clipped to [0, 1] (0 when ``top`` is not positive)."""
+    return 0.0 if top <= 0 else max(0.0, min(1.0, value / top))
+
+
 def shade(value: float, top: float) -> str:
     """A background colour from white to orange for ``value`` on a 0..``top`` scale (hex, for widgets)."""
-    a = 0.0 if top <= 0 else max(0.0, min(1.0, value / top))
+    a = intensity(value, top)
     r, g, b = (round(255 + (c - 255) * a) for c in SHADE)
     return f"#{r:02x}{g:02x}{b:02x}"
 
@@ -148,21 +153,30 @@ def latent_tokens_figure(
     acts: Tensor, tokens: Sequence[str], layers: Sequence[int], latent: int
 ) -> go.Figure:
     """One latent's activation at every (layer, token): where in depth and in the prompt it fires."""
-    P = len(tokens)
-    fig = go.Figure(go.Heatmap(
-        x=list(range(P)), y=list(layers), z=_np(acts), colorscale="Oranges", zmin=0,
-        customdata=[list(tokens)] * len(layers),
-        hovertemplate="token %{x} %{customdata}<br>layer %{y}<br>activation %{z:.3g}<extra></extra>",
-        colorbar=dict(title=dict(text="activation", side="right"), thickness=12),
-    ))
+    fig = go.Figure(_latent_tokens_trace(acts, tokens, layers))
     fig.update_layout(**_heat_layout(f"Latent {latent} at every layer and token"))
     _layer_axis(fig, layers)
-    fig.update_xaxes(title_text="token", tickmode="array", tickvals=list(range(P)) if P <= 48 else None,
-                     ticktext=list(tokens) if P <= 48 else None, tickangle=-60)
+    _token_axis(fig, tokens)
     return fig
 
 
-def logits_table_figure(lists: dict[str, LogitLists], title: str) -> go.Figure:
+def _latent_tokens_trace(acts: Tensor, tokens: Sequence[str], layers: Sequence[int]) -> go.Heatmap:
+    return go.Heatmap(
+        x=list(range(len(tokens))), y=list(layers), z=_np(acts), colorscale="Oranges", zmin=0,
+        customdata=[list(tokens)] * len(layers),
+        hovertemplate="token %{x} %{customdata}<br>layer %{y}<br>activation %{z:.3g}<extra></extra>",
+        colorbar=dict(title=dict(text="activation", side="right"), thickness=12),
+    )
+
+
+def _token_axis(fig: go.Figure, tokens: Sequence[str]) -> None:
+    """Token positions along x, labelled with the tokens while they fit."""
+    few = len(tokens) <= 48
+    fig.update_xaxes(title_text="token", tickmode="array", tickvals=list(range(len(tokens))) if few else None,
+                     ticktext=list(tokens) if few else None, tickangle=-60)
+
+
+def _logits_table(lists: dict[str, LogitLists]) -> go.Table:
     """A plotly table of next-token logit lists (for the book, where there are no widgets)."""
     header, columns = [], []
     for name, ll in lists.items():
@@ -173,13 +187,10 @@ def logits_table_figure(lists: dict[str, LogitLists], title: str) -> go.Figure:
             header += ["increases", "Δ", "decreases", "Δ"]
             columns += [[t.token for t in ll.increases], [f"{t.value:+.2f}" for t in ll.increases],
                         [t.token for t in ll.decreases], [f"{t.value:+.2f}" for t in ll.decreases]]
-    fig = go.Figure(go.Table(
+    return go.Table(
         header=dict(values=header, font=dict(size=11), align="left"),
         cells=dict(values=columns, font=dict(family=_FONT, size=11), align="left", height=20),
-    ))
-    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=120 + 20 * max(map(len, columns), default=0),
-                      margin=dict(l=10, r=10, t=40, b=10))
-    return fig
+    )
 
 
 # ----------------------------------------------------------------------------- HTML fragments
@@ -303,28 +314,21 @@ def _dropdown(labels: Sequence[str]) -> dict:
 def _latent_dropdown_figure(ex: Explorer, run: PromptRun, latents: list[int]) -> go.Figure:
     fig = go.Figure()
     for i, f in enumerate(latents):
-        one = latent_tokens_figure(ex.latent_acts(run, f), run.tokens, ex.layers, f)
-        trace = one.data[0]
+        trace = _latent_tokens_trace(ex.latent_acts(run, f), run.tokens, ex.layers)
         trace.visible = i == 0
         fig.add_trace(trace)
     fig.update_layout(**_heat_layout("The prompt's strongest latents at every layer and token", height=360),
                       updatemenus=[_dropdown([f"latent {f}" for f in latents])])
-    P = run.n_tokens
-    fig.update_xaxes(title_text="token", tickmode="array", tickvals=list(range(P)) if P <= 48 else None,
-                     ticktext=run.tokens if P <= 48 else None, tickangle=-60)
+    _token_axis(fig, run.tokens)
     _layer_axis(fig, ex.layers)
     return fig
-
-
-def _table_traces(lists: dict[str, LogitLists]) -> go.Table:
-    return logits_table_figure(lists, "").data[0]
 
 
 def _recon_dropdown_figure(ex: Explorer, run: PromptRun, position: int) -> go.Figure:
     clean = ex.logits_clean(run, position)
     fig = go.Figure()
     for i, layer in enumerate(ex.layers):
-        trace = _table_traces({"model": clean, f"layer {layer} reconstructed": ex.logits_recon(run, layer, position)})
+        trace = _logits_table({"model": clean, f"layer {layer} reconstructed": ex.logits_recon(run, layer, position)})
         trace.visible = i == 0
         fig.add_trace(trace)
     fig.update_layout(title=dict(text=f"Next token after “{run.tokens[position]}”: the model, and with one layer "
@@ -341,7 +345,7 @@ def _steer_dropdown_figure(ex: Explorer, run: PromptRun, layer: int, latent: int
     clean = ex.logits_clean(run, position)
     fig = go.Figure()
     for i, f in enumerate(factors):
-        trace = _table_traces({"model": clean, f"steered ×{f:g}": ex.logits_steered(run, layer, latent, f, position)})
+        trace = _logits_table({"model": clean, f"steered ×{f:g}": ex.logits_steered(run, layer, latent, f, position)})
         trace.visible = i == 0
         fig.add_trace(trace)
     fig.update_layout(title=dict(text=f"Next token after “{run.tokens[position]}”, steering latent {latent} at layer "
