@@ -272,7 +272,6 @@ def make_tiny_gguf(
         model_dir = make_tiny("llama", path.with_name(path.stem + "-hf"), **sizes)
     with atomic_path(path) as tmp, quiet_hf_progress():
         _write_gguf(model_dir, tmp, qtype)
-        os.chmod(tmp, 0o644)
     return path
 
 

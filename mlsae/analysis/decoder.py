@@ -116,7 +116,7 @@ def pair_stats(W: Tensor, layer_mean: Tensor, n_layers: int, cos_bins: int = 40,
     for i in range(0, F, chunk):
         rows, cols = torch.arange(i, min(i + chunk, F), device=W.device), torch.arange(i, F, device=W.device)
         upper = rows[:, None] < cols[None]  # g > f: each pair once
-        x = (W[rows] @ W[i:].T).double()[upper].cpu()
+        x = (W[rows] @ W[i:].T)[upper].double().cpu()
         y = (m[rows, None] - m[None, i:]).abs()[upper].cpu()
         cb = _bin(x, cos_edges, cos_bins)
         db = _bin(y, delta_edges, D)
