@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -125,7 +125,7 @@ class Run:
     sae: MLSAE
     optimizer: torch.optim.Adam
     out: Path
-    objective: nn.Module | None = None  # the loss, wrapped in DistributedDataParallel under torchrun
+    objective: nn.Module = field(init=False)  # the loss, wrapped in DistributedDataParallel under torchrun
 
     def __post_init__(self) -> None:
         self.objective = Objective(self.sae)
