@@ -10,7 +10,9 @@ A data ``path`` is one of:
   (``hf:<path>`` forces this for anything ``datasets.load_dataset`` accepts, e.g. a local folder).
 
 As in the reference, documents are joined with EOS, tokenized, cut into ``max_length`` chunks and the
-last partial chunk is dropped. Local sources are tokenized once and cached as safetensors.
+last partial chunk is dropped. Where the tokenizer prepends BOS to its encodings (Llama-2, Gemma),
+each chunk is BOS then the next ``max_length - 1`` tokens of the stream, so that every row starts as
+the model's training sequences did. Local sources are tokenized once and cached as safetensors.
 """
 
 from __future__ import annotations
@@ -202,10 +204,43 @@ def separator_id(tokenizer) -> int:
                      f"to separate documents")
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own encodings start with BOS, as those of Llama-2 and Gemma do.
+
+    Decided by encoding a probe rather than by flags like ``add_bos_token``, which not every
+    tokenizer class has or honours: the post-processor is what the model's training data went
+    through. Tokenizers whose BOS is also their EOS (GPT-2, Pythia, SmolLM2) add nothing: False.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    return full[:1] == [bos] and plain[:1] != [bos]
+
+
 def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
     it = iter(items)
     while batch := list(itertools.islice(it, n)):
         yield batch
+
+
+def _token_stream(texts: Iterable[str], tokenizer, limit: int | None,
+                  batch_size: int) -> tuple[list[np.ndarray], int]:
+    """The documents' ids, each followed by the separator, and their total; stops once ``limit`` are read."""
+    sep = separator_id(tokenizer)
+    pieces, total = [], 0
+    with tqdm(total=limit, unit="tok", unit_scale=True, desc="tokenizing", disable=None) as bar:
+        for batch in _batched((t for t in texts if t), batch_size):
+            ids = tokenizer(batch, add_special_tokens=False, truncation=False, verbose=False,
+                            return_attention_mask=False)["input_ids"]
+            for seq in ids:
+                pieces.append(np.asarray(seq + [sep], dtype=np.int64))
+                total += len(seq) + 1
+            bar.update(sum(len(seq) + 1 for seq in ids))
+            if limit is not None and total >= limit:
+                break
+    return pieces, total
 
 
 def tokenize_chunks(
@@ -217,38 +252,45 @@ def tokenize_chunks(
 ) -> torch.Tensor:
     """Tokenize ``texts`` (each followed by EOS) and pack them into an int64 ``[n_chunks, max_length]``.
 
-    The tokenizer adds no special tokens of its own and never truncates, so long documents continue
-    into the next chunk. Reading stops once ``limit_tokens`` are in hand (needed for streams).
+    The tokenizer adds no special tokens inside the stream and never truncates, so long documents
+    continue into the next chunk. If it prepends BOS to its encodings (``adds_bos``), every chunk is
+    BOS then ``max_length - 1`` stream tokens, as the model saw its training sequences. At most
+    ``limit_tokens`` tokens are returned (BOS included); reading stops once they are in hand (needed
+    for streams).
     """
     if max_length < 1:
         raise MLSAEError(f"max_length must be positive, got {max_length}")
-    sep = separator_id(tokenizer)
-    pieces, total = [], 0
-    with tqdm(total=limit_tokens, unit="tok", unit_scale=True, desc="tokenizing", disable=None) as bar:
-        for batch in _batched((t for t in texts if t), batch_size):
-            ids = tokenizer(batch, add_special_tokens=False, truncation=False, verbose=False,
-                            return_attention_mask=False)["input_ids"]
-            for seq in ids:
-                pieces.append(np.asarray(seq + [sep], dtype=np.int64))
-                total += len(seq) + 1
-            bar.update(sum(len(seq) + 1 for seq in ids))
-            if limit_tokens is not None and total >= limit_tokens:
-                break
-    usable = total if limit_tokens is None else min(total, limit_tokens)
-    n_chunks = usable // max_length
+    bos = int(tokenizer.bos_token_id) if adds_bos(tokenizer) else None
+    if bos is not None and max_length < 2:
+        raise MLSAEError(f"max_length must be at least 2, got {max_length}: the tokenizer "
+                         f"{tokenizer.name_or_path!r} adds BOS, which starts every chunk")
+    body = max_length if bos is None else max_length - 1  # stream tokens per chunk
+    stream_limit = limit_tokens if limit_tokens is None or bos is None else limit_tokens // max_length * body
+    pieces, total = _token_stream(texts, tokenizer, stream_limit, batch_size)
+    n_chunks = (total if stream_limit is None else min(total, stream_limit)) // body
     if n_chunks == 0:
         raise MLSAEError(f"the texts give only {total} tokens, fewer than one chunk of {max_length}"
+                         + (" (BOS included)" if bos is not None else "")
                          + (f" (limit {limit_tokens})" if limit_tokens is not None else ""))
-    flat = torch.from_numpy(np.concatenate(pieces)[: n_chunks * max_length])
-    return flat.view(n_chunks, max_length)
+    flat = torch.from_numpy(np.concatenate(pieces)[: n_chunks * body]).view(n_chunks, body)
+    if bos is None:
+        return flat
+    return torch.cat([torch.full((n_chunks, 1), bos, dtype=torch.int64), flat], dim=1)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash that changes whenever the tokenizer would produce different ids."""
+    """A short hash that changes whenever the tokenizer would produce different ids or chunks.
+
+    The BOS that starts every chunk (``adds_bos``) enters only where it is added: tokenizers without
+    it keep their old keys (their chunks are unchanged, so their caches stay valid), while chunks cut
+    without BOS for a tokenizer that adds it (token format 1) are never reused.
+    """
     probe = ["Hello, world!", " The quick brown fox.\n\nIt's 1961; naïve café — “quoted” 12345."]
     enc = tokenizer(probe, add_special_tokens=False)["input_ids"]
     ident = {"name": str(tokenizer.name_or_path), "class": type(tokenizer).__name__,
              "vocab": len(tokenizer), "sep": separator_id(tokenizer), "enc": enc}
+    if adds_bos(tokenizer):
+        ident["bos"] = int(tokenizer.bos_token_id)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -270,8 +312,8 @@ def load_chunks(
     """Token chunks ``[n_chunks, max_length]`` of a data source (see the module docstring).
 
     Local files and embedded corpora are tokenized once and cached in ``<cache>/tokens/``, keyed by
-    the file (path, size, mtime), the tokenizer, ``max_length`` and ``max_tokens``. Hub datasets are
-    streamed and need ``max_tokens``.
+    the file (path, size, mtime), the tokenizer (BOS handling included), ``max_length`` and
+    ``max_tokens``. Hub datasets are streamed and need ``max_tokens``.
     """
     source = resolve(path, split)
     if source.kind == "hf":
@@ -289,7 +331,7 @@ def load_chunks(
             pass
     chunks = tokenize_chunks(iter_texts(str(file), split), tokenizer, max_length, max_tokens)
     meta = {"file": str(file), "split": split, "tokenizer": str(tokenizer.name_or_path),
-            "max_length": str(max_length), "max_tokens": str(max_tokens)}
+            "max_length": str(max_length), "max_tokens": str(max_tokens), "bos": str(adds_bos(tokenizer))}
     with atomic_path(cached) as tmp:
         save_file({"chunks": chunks}, tmp, metadata=meta)
     return chunks

@@ -138,10 +138,10 @@ class PromptRun:
     prompt: str
     input_ids: Tensor  # [P]
     texts: list[str]  # exact text of each token
-    special: Tensor  # [P] bool: special tokens are not encoded (as in training)
+    excluded: Tensor  # [P] bool: positions the MLSAE's position rule leaves out are not encoded
     n_tokens_in: int  # tokens before truncation
     resid: Tensor  # [L, P, d] float32, the SAE's layers only
-    topk: TopK  # [L, P, k] on the CPU; zeros at special positions
+    topk: TopK  # [L, P, k] on the CPU; zeros at excluded positions
     recon: Tensor  # [L, P, d]
     scale: Tensor  # [L, P, 1] per-token std the SAE standardizes by (1 without standardization)
     logits: Tensor  # [P, V] clean
@@ -270,18 +270,18 @@ class Explorer:
         with self._autocast():
             resid, logits = tf.run_with_residuals(ids[None], self.layers)
         resid = resid[:, 0].float()
-        special = tf.special_mask(ids[None])[0].cpu()
+        excluded = ~sae.config.positions.keep(tf.special_mask(ids[None]), resid[:, None])[0].cpu()
         s = sae.standardize(resid)
         topk = sae.encode_standardized(s.x)
         recon = sae.decode(topk, s)  # = sae(resid), keeping the standardization for its scale
-        values = topk.values.masked_fill(special.to(topk.values.device)[None, :, None], 0.0)
-        recon = torch.where(special.to(resid.device)[None, :, None], resid, recon)
+        values = topk.values.masked_fill(excluded.to(topk.values.device)[None, :, None], 0.0)
+        recon = torch.where(excluded.to(resid.device)[None, :, None], resid, recon)
         scale = s.scale if isinstance(s.scale, Tensor) else torch.ones_like(resid[..., :1])
         texts = token_texts(tf.tokenizer, ids.tolist())
         if n_in > len(ids):
             prompt = tf.tokenizer.decode(ids.tolist())
         topk = TopK(values.cpu(), topk.indices.cpu())  # small; every view indexes it on the CPU
-        return PromptRun(prompt, ids, texts, special, n_in, resid, topk, recon, scale, logits[0].float(),
+        return PromptRun(prompt, ids, texts, excluded, n_in, resid, topk, recon, scale, logits[0].float(),
                          key=key)
 
     # -- activations --------------------------------------------------------------------------
@@ -370,7 +370,7 @@ class Explorer:
         """Residual ``[P, d]`` of SAE layer ``layer_index`` plus the scaled steering vector."""
         direction = self.sae.W_dec[latent].detach().float().to(run.resid.device)
         step = factor * run.scale[layer_index] * direction
-        return run.resid[layer_index] + step * (~run.special).to(step.device)[:, None]
+        return run.resid[layer_index] + step * (~run.excluded).to(step.device)[:, None]
 
     def logits_recon(self, run: PromptRun, layer: int, position: int) -> LogitLists:
         p = self.check_position(run, position)

@@ -303,9 +303,9 @@ class ExplorerApp:
         acts = ex.latent_acts(run, self.latent)
         values = acts[ex.layer_index(self.layer)].tolist()
         top = float(acts.max())  # one scale for all layers, so layers compare at a glance
-        special, ids = run.special.tolist(), run.input_ids.tolist()
+        excluded, ids = run.excluded.tolist(), run.input_ids.tolist()
         for i, (b, v) in enumerate(zip(self._buttons, values)):
-            b.style.button_color = _BLANK if special[i] else figs.shade(v, top)
+            b.style.button_color = _BLANK if excluded[i] else figs.shade(v, top)
             b.tooltip = f"position {i} · token id {ids[i]} · activation {v:.3f}"
         self._draw_outline()
 

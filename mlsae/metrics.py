@@ -12,6 +12,10 @@ Definitions (per layer l; "avg" columns average over layers):
 - KL: KL(p_clean || p_spliced) of the next-token distributions, mean per token (nats). (The
   reference summed KL(p_spliced || p_clean) over positions; we use the usual direction, per token.)
 - logit MSE: mean squared difference between clean and spliced logits per element.
+- excluded: positions the MLSAE's position rule left out (``mlsae.positions``), as a count and a
+  share of all positions read, and per layer their share of the layer's variance over all
+  positions (their squared deviations from the layer's mean, as in FVU's denominator, over the
+  total); every other metric is over the kept positions only.
 - zero CE: cross-entropy with layer l's output replaced by zeros (the scale of delta CE);
   CE recovered = (zero CE - spliced CE) / (zero CE - clean CE).
 """
@@ -118,4 +122,34 @@ class DownstreamMetrics:
             "ce_recovered": (zero - spliced) / (zero - clean),
             "kl": self.kl / self.positions,
             "logit_mse": self.logit_sse / self.logit_elements,
+        }
+
+
+class ExcludedShare:
+    """Accumulates how many positions were left out and their share of each layer's variance."""
+
+    def __init__(self, n_layers: int):
+        z = lambda: torch.zeros(2, n_layers, dtype=torch.float64)  # noqa: E731  rows: all, left out
+        self.sum, self.sum_sq, self.elements = z(), z(), z()
+        self.positions, self.excluded = 0, 0
+
+    @torch.no_grad()
+    def update(self, acts: Tensor, keep: Tensor) -> None:
+        """``acts [L, B, P, d]`` of every position; ``keep [B, P]`` the positions kept."""
+        per_sum, per_sq = acts.float().sum(-1).double(), acts.float().pow(2).sum(-1).double()  # [L, B, P]
+        out = ~keep
+        for row, mask in ((0, torch.ones_like(keep)), (1, out)):
+            self.sum[row] += per_sum[:, mask].sum(1).cpu()
+            self.sum_sq[row] += per_sq[:, mask].sum(1).cpu()
+            self.elements[row] += int(mask.sum()) * acts.shape[-1]
+        self.positions += keep.numel()
+        self.excluded += int(out.sum())
+
+    def compute(self) -> dict[str, Tensor]:
+        mean = self.sum[0] / self.elements[0]
+        sq_dev = self.sum_sq - 2 * mean * self.sum + self.elements * mean**2  # about the all-positions mean
+        return {
+            "excluded_variance": sq_dev[1] / sq_dev[0],
+            "excluded_tokens": torch.tensor(float(self.excluded)),
+            "excluded_share": torch.tensor(self.excluded / max(self.positions, 1)),
         }

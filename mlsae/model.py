@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from mlsae import native
 from mlsae.kernels import TopK, gemm_dtype, sparse_decode, topk_encode
+from mlsae.positions import PositionRule, rule_of
 from mlsae.utils import MLSAEError
 
 STD_EPS = 1e-5  # added to the per-token std, as in the reference
@@ -46,14 +47,20 @@ class SAEConfig:
     """Activation above which a latent counts as having fired (also the L0 threshold)."""
     standardize: bool = True
     """Standardize each input vector over its features (and de-standardize the reconstruction)."""
+    skip_special_tokens: bool = PositionRule.skip_special_tokens
+    """Leave positions holding special tokens (BOS, EOS, PAD) out of the data (mlsae.positions)."""
+    skip_first: int = PositionRule.skip_first
+    """Leave the first positions of every sequence out of the data (1 = the attention sink)."""
+    max_norm_ratio: float | None = PositionRule.max_norm_ratio
+    """Also leave out positions whose norm exceeds this multiple of the layer's median (None: off)."""
     n_layers: int = 1
     """Number of transformer layers it reads (dead-latent statistics are kept per layer)."""
     layers: list[int] | None = None
     """The transformer layers it was trained on (None = all)."""
     model_name: str | None = None
     """The transformer it was trained on."""
-    format_version: int = 1
-    """Version of this config/weights layout."""
+    format_version: int = 2
+    """Version of this config/weights layout (2: the position rule is recorded)."""
 
     def __post_init__(self) -> None:
         if self.n_inputs < 1 or self.n_latents < 1:
@@ -64,6 +71,12 @@ class SAEConfig:
             raise MLSAEError(f"auxk must be positive or None, got {self.auxk}")
         if self.layers is not None and len(self.layers) != self.n_layers:
             raise MLSAEError(f"layers {self.layers} does not match n_layers={self.n_layers}")
+        rule_of(self)  # validates the position rule
+
+    @property
+    def positions(self) -> PositionRule:
+        """Which positions are left out of the data (the same rule everywhere the MLSAE is used)."""
+        return rule_of(self)
 
 
 class Standardized(NamedTuple):
@@ -234,6 +247,7 @@ def load_folder(folder: Path, map_location: str = "cpu") -> MLSAE:
         raise MLSAEError(f"cannot read MLSAE weights in {folder}: {e}") from e
     if "W_enc" in state:
         known = {f.name for f in fields(SAEConfig)}
+        raw.setdefault("skip_first", 0)  # format 1 predates the rule: those MLSAEs saw position 0
         model = MLSAE(SAEConfig(**{k: v for k, v in raw.items() if k in known}))
         model.load_state_dict(state)
     else:
@@ -262,6 +276,8 @@ def _from_reference(raw: dict, state: dict[str, Tensor]) -> MLSAE:
         dead_tokens_threshold=raw.get("dead_tokens_threshold", defaults.dead_tokens_threshold),
         dead_threshold=raw.get("dead_threshold", defaults.dead_threshold),
         standardize=raw.get("standardize", defaults.standardize),
+        skip_special_tokens=raw.get("skip_special_tokens", defaults.skip_special_tokens),
+        skip_first=0,  # the reference trains on every non-special position
         n_layers=n_layers,
         layers=list(layers) if layers else None,
         model_name=raw.get("model_name"),

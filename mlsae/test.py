@@ -8,7 +8,7 @@ Definitions of every metric: see ``mlsae.metrics``.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -17,8 +17,9 @@ from simple_parsing import ArgumentParser
 from tqdm.auto import tqdm
 
 from mlsae.data import load_chunks
-from mlsae.metrics import DownstreamMetrics, ReconstructionMetrics
+from mlsae.metrics import DownstreamMetrics, ExcludedShare, ReconstructionMetrics
 from mlsae.model import MLSAE, sae_name
+from mlsae.positions import PositionRule
 from mlsae.train import pick_device
 from mlsae.transformer import Transformer, transformer_for
 from mlsae.utils import atomic_path, run_cli
@@ -44,8 +45,10 @@ class EvalConfig:
     """Tokens for the reconstruction metrics (FVU, MSE, L0, L1, dead latents)."""
     downstream_tokens: int = 8_192
     """Tokens (the first of the above) for the metrics that splice reconstructions into the model."""
-    skip_special_tokens: bool = True
-    """Leave special-token positions out of the metrics (and unchanged when splicing)."""
+    skip_special_tokens: bool | None = None
+    """Override the MLSAE's position rule: leave special tokens out (default: as the MLSAE was trained)."""
+    skip_first: int | None = None
+    """Override the MLSAE's position rule: leading positions left out (default: as the MLSAE was trained)."""
     precision: str = "bf16"
     """Autocast precision (bf16 or fp32)."""
     device: str = "auto"
@@ -54,32 +57,42 @@ class EvalConfig:
     """Where test_{name}.csv and .json go."""
 
 
+def position_rule(cfg: EvalConfig, sae: MLSAE) -> PositionRule:
+    """The MLSAE's own rule, with this evaluation's overrides."""
+    overrides = {k: getattr(cfg, k) for k in ("skip_special_tokens", "skip_first") if getattr(cfg, k) is not None}
+    return replace(sae.config.positions, **overrides)
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, float]:
-    """All metrics of one MLSAE as a flat dict of CSV columns."""
+    """All metrics of one MLSAE as a flat dict of CSV columns (over the positions its rule keeps)."""
     device = pick_device(cfg.device)
     sae = MLSAE.from_pretrained(cfg.repo_id).to(device)
+    rule = position_rule(cfg, sae)
     transformer = transformer_for(sae, cfg.model_name, device, cfg.repo_id)
     layers = sae.config.layers or list(range(transformer.n_layers))
     chunks = load_chunks(cfg.path, cfg.split, transformer.tokenizer, cfg.max_length, max_tokens=cfg.max_tokens)
     recon_metrics = ReconstructionMetrics(len(layers), sae.config.n_latents, sae.config.dead_threshold)
     down_metrics = DownstreamMetrics(len(layers))
+    excluded = ExcludedShare(len(layers))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     downstream_left = cfg.downstream_tokens
     with torch.no_grad(), autocast:
         for ids in tqdm(chunks.split(cfg.batch_size), desc="evaluate", unit="batch"):
             ids = ids.to(device)
-            keep = ~transformer.special_mask(ids) if cfg.skip_special_tokens else torch.ones_like(ids, dtype=torch.bool)
             if downstream_left > 0:
                 acts, logits = transformer.run_with_residuals(ids, layers)
             else:
                 acts, logits = transformer.residuals(ids, layers), None
+            keep = rule.keep(transformer.special_mask(ids), acts)
+            excluded.update(acts, keep)
             x = acts[:, keep].float()
             recon, topk = sae(x)
             recon_metrics.update(x, recon, topk)
             if logits is not None:
                 downstream(transformer, ids, layers, acts, recon, keep, logits, down_metrics)
                 downstream_left -= ids.numel()
-    return columns(layers, recon_metrics.compute(), down_metrics.compute() if down_metrics.tokens else None)
+    down = down_metrics.compute() if down_metrics.tokens else None
+    return columns(layers, {**recon_metrics.compute(), **excluded.compute()}, down)
 
 
 def downstream(transformer: Transformer, ids, layers, acts, recon, keep, logits, metrics: DownstreamMetrics) -> None:
@@ -98,6 +111,7 @@ COLUMNS = {
     "fvu": "train/fvu", "mse": "train/mse", "l1": "train/l1", "l0": "train/l0", "dead": "train/dead",
     "delta_ce": "val/loss/delta", "kl": "val/logit/kldiv", "logit_mse": "val/logit/mse",
     "ce_spliced": "val/loss/spliced", "ce_zero": "val/loss/zero", "ce_recovered": "val/loss/recovered",
+    "excluded_variance": "excluded/variance",
 }
 
 
@@ -111,6 +125,9 @@ def columns(layers: list[int], recon: dict, down: dict | None) -> dict[str, floa
             out[f"{prefix}/layer_{layer}"] = values[key][i].item()
         out[f"{prefix}/avg"] = values[key].mean().item()
     out["train/dead/rel"] = recon["dead_overall"].item()
+    if "excluded_tokens" in recon:
+        out["excluded/tokens"] = recon["excluded_tokens"].item()
+        out["excluded/share"] = recon["excluded_share"].item()
     if down:
         out["val/loss/clean"] = down["ce_clean"].item()
     return out

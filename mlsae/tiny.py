@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 ARCHS = ("llama", "gpt_neox", "gpt2")
 EOS = "<|endoftext|>"
+BOS = "<s>"  # only in the tokenizer variant that adds BOS (see _train_tokenizer)
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 _MARKER = "mlsae-tiny.json"
@@ -56,8 +57,13 @@ What is the capital of France? Paris is the capital of France. What is two plus 
 """
 
 
-def _train_tokenizer():
-    """Train a byte-level BPE on the built-in text so that any unicode string tokenizes."""
+def _train_tokenizer(bos: bool = False):
+    """Train a byte-level BPE on the built-in text so that any unicode string tokenizes.
+
+    By default one token is BOS, EOS and padding, and encodings get no special tokens (as GPT-2 and
+    Pythia). ``bos=True`` adds a separate ``<s>`` BOS (id ``VOCAB_SIZE``) that every encoding starts
+    with (as Llama-2 and Gemma), to test the handling of such tokenizers.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -72,20 +78,21 @@ def _train_tokenizer():
         show_progress=False,
     )
     tok.train_from_iterator(_TEXT.splitlines(), trainer=trainer)
+    special = dict(bos_token=BOS, add_bos_token=True) if bos else dict(bos_token=EOS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token=EOS,
         eos_token=EOS,
         pad_token=EOS,
         model_max_length=MAX_POSITIONS,
+        **special,
     )
 
 
-def _config(arch: str, vocab_size: int, eos_id: int, n_layers: int, d_model: int):
+def _config(arch: str, vocab_size: int, eos_id: int, n_layers: int, d_model: int, bos_id: int | None = None):
     """A small config for ``arch``; 4 heads, MLP 4x wide, weights scaled up so layers differ visibly."""
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
-    ids = dict(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    ids = dict(bos_token_id=eos_id if bos_id is None else bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     if arch == "llama":
         return LlamaConfig(
             vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
@@ -133,10 +140,12 @@ def make_tiny(
     n_layers: int = 2,
     d_model: int = 64,
     seed: int = 0,
+    bos: bool = False,
 ) -> Path:
     """Build (or reuse) a tiny random causal LM of family ``arch`` and return its directory.
 
-    Deterministic given ``seed``; written atomically (temp dir + rename), so concurrent callers
+    ``bos=True`` gives it a tokenizer that starts every encoding with its own BOS (as Llama-2 and
+    Gemma). Deterministic given ``seed``; written atomically (temp dir + rename), so concurrent callers
     and interrupted runs never leave a half-written model behind.
     """
     if arch not in ARCHS:
@@ -144,14 +153,15 @@ def make_tiny(
     if d_model % 4:
         raise MLSAEError(f"d_model must be a multiple of 4 (4 heads), got {d_model}")
     path = Path(path) if path is not None else default_path(arch, n_layers, d_model, seed)
-    spec = {"arch": arch, "n_layers": n_layers, "d_model": d_model, "seed": seed}
+    spec = {"arch": arch, "n_layers": n_layers, "d_model": d_model, "seed": seed} | ({"bos": True} if bos else {})
     if (path / _MARKER).exists() or (path.exists() and any(path.iterdir())):
         return _check_existing(path, spec)
 
     from transformers import AutoModelForCausalLM
 
-    tokenizer = _train_tokenizer()
-    config = _config(arch, len(tokenizer), tokenizer.eos_token_id, n_layers, d_model)
+    tokenizer = _train_tokenizer(bos)
+    config = _config(arch, len(tokenizer), tokenizer.eos_token_id, n_layers, d_model,
+                     tokenizer.bos_token_id if bos else None)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 

@@ -2,7 +2,7 @@
 
 Per optimizer step: ``tokens_per_step`` tokens are run through the transformer in micro-batches
 of ``batch_size`` sequences (stopping after the deepest layer needed, no LM head); the residual
-vectors of every layer (special-token positions excluded) train every MLSAE of the sweep, each
+vectors of every layer (less the positions that ``mlsae.positions`` leaves out) train every MLSAE of the sweep, each
 with its own Adam. Checkpoints hold everything needed for an exact resume (weights, optimizer,
 dead-latent counters, data position, RNG), are written atomically and in safetensors only.
 With ``torchrun`` each rank reads its own shard of each global batch; DDP averages the gradients.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import shutil
 import time
@@ -32,6 +33,7 @@ from mlsae import native
 from mlsae.data import ChunkLoader, load_chunks
 from mlsae.fetch import DEFAULT_MODEL
 from mlsae.model import MLSAE, SAEConfig, repo_id
+from mlsae.positions import PositionRule, rule_of
 from mlsae.transformer import Transformer, load_transformer
 from mlsae.utils import MLSAEError, atomic_write_text, run_cli
 
@@ -59,11 +61,19 @@ class TrainConfig:
     dead_threshold: float = SAEConfig.dead_threshold
     """Activation above which a latent has fired."""
     lr: float = 1e-3
-    """Adam learning rate (constant; betas (0.9, 0.999), eps 6.25e-10; the paper used 1e-4 for 1B tokens)."""
+    """Peak Adam learning rate (betas (0.9, 0.999), eps 6.25e-10; the paper used 1e-4 for 1B tokens)."""
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up from 0 to lr."""
+    lr_schedule: str = flag(default="constant", choices=["constant", "linear", "cosine"])
+    """After the warm-up: constant, or a linear or cosine decay to 0 at the last step."""
     standardize: bool = SAEConfig.standardize
     """Standardize each residual vector over its features."""
-    skip_special_tokens: bool = True
+    skip_special_tokens: bool = SAEConfig.skip_special_tokens
     """Leave out positions holding special tokens (BOS/EOS/PAD)."""
+    skip_first: int = SAEConfig.skip_first
+    """Leave out the first positions of every sequence (1 = the attention sink; 0 = none)."""
+    max_norm_ratio: float | None = SAEConfig.max_norm_ratio
+    """Also leave out positions whose norm at some layer exceeds this multiple of its median."""
     path: str = "brown"
     """Training data: a .jsonl[.zst] file, a folder of splits, 'brown', or a hub dataset id."""
     max_length: int = 256
@@ -104,10 +114,28 @@ class TrainConfig:
                 raise MLSAEError(f"--{name} must be positive, got {getattr(self, name)}")
         if min(self.expansion_factor) < 1 or min(self.k) < 1:
             raise MLSAEError("--expansion_factor and -k must be positive")
+        if self.warmup_steps < 0:
+            raise MLSAEError(f"--warmup_steps must be 0 or more, got {self.warmup_steps}")
+        rule_of(self)  # validates the position rule
+
+    @property
+    def positions(self) -> PositionRule:
+        return rule_of(self)
 
     @property
     def steps(self) -> int:
         return self.max_tokens // self.tokens_per_step
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based): warm-up, then the schedule."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / (self.warmup_steps + 1)
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = (step - self.warmup_steps) / max(self.steps - self.warmup_steps, 1)
+        if self.lr_schedule == "linear":
+            return self.lr * (1 - progress)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     def sweep(self) -> list[tuple[int, int]]:
         return list(itertools.product(self.expansion_factor, self.k))
@@ -188,6 +216,9 @@ def make_runs(cfg: TrainConfig, d_model: int, layers: list[int], device: torch.d
             dead_tokens_threshold=cfg.dead_tokens_threshold,
             dead_threshold=cfg.dead_threshold,
             standardize=cfg.standardize,
+            skip_special_tokens=cfg.skip_special_tokens,
+            skip_first=cfg.skip_first,
+            max_norm_ratio=cfg.max_norm_ratio,
             n_layers=len(layers),
             layers=layers,
             model_name=cfg.model_name,
@@ -284,12 +315,10 @@ def truncate_log(path: Path, step: int) -> None:
 # ----------------------------------------------------------------------------- the step
 
 
-def residual_batch(transformer: Transformer, ids: torch.Tensor, layers: list[int], skip_special: bool) -> torch.Tensor:
-    """Residual vectors ``[L, N, d]`` (fp32) of the non-special positions of ``ids``."""
+def residual_batch(transformer: Transformer, ids: torch.Tensor, layers: list[int], rule: PositionRule) -> torch.Tensor:
+    """Residual vectors ``[L, N, d]`` (fp32) of the positions of ``ids`` that ``rule`` keeps."""
     acts = transformer.residuals(ids, layers)
-    if skip_special:
-        return acts[:, ~transformer.special_mask(ids)].float()
-    return acts.flatten(1, 2).float()
+    return acts[:, rule.keep(transformer.special_mask(ids), acts)].float()
 
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -317,7 +346,7 @@ def train_step(
     n_tokens = torch.zeros((), dtype=torch.long)
     for i, ids in enumerate(batches):
         with torch.no_grad(), autocast:
-            x = residual_batch(transformer, ids, layers, cfg.skip_special_tokens)
+            x = residual_batch(transformer, ids, layers, cfg.positions)
         n_tokens += x.shape[1]
         for run, sc, fvu, fi in zip(runs, scalars, fvus, fired):
             with autocast:
@@ -348,7 +377,7 @@ def init_pre_bias(runs: list[Run], transformer: Transformer, micro: list[torch.T
                   layers: list[int], autocast: contextlib.AbstractContextManager) -> None:
     """Initialise every run's pre-encoder bias from the whole first step (all micro-batches, all ranks)."""
     with torch.no_grad(), autocast:
-        x = torch.cat([residual_batch(transformer, ids, layers, cfg.skip_special_tokens) for ids in micro], dim=1)
+        x = torch.cat([residual_batch(transformer, ids, layers, cfg.positions) for ids in micro], dim=1)
     x = all_gather_cat(x)
     for run in runs:
         run.sae.init_pre_bias(x)
@@ -410,6 +439,9 @@ def train(cfg: TrainConfig) -> list[Path]:
         micro = [next(batches).to(device) for _ in range(n_micro)]
         if step == 0:
             init_pre_bias(runs, transformer, micro, cfg, layers, autocast)
+        for run in runs:
+            for group in run.optimizer.param_groups:
+                group["lr"] = cfg.lr_at(step)
         stats = train_step(runs, transformer, micro, cfg, layers, autocast, world)
         step += 1
         tokens += stats[0]["tokens"]
@@ -453,6 +485,7 @@ def log_record(run: Run, st: dict, step: int, tokens: int, tokens_per_s: float) 
         "step": step,
         "tokens": tokens,
         "tokens_per_s": round(tokens_per_s, 1),
+        "lr": run.optimizer.param_groups[0]["lr"],
         "loss/total": st["loss"],
         "loss/auxk": st["auxk"],
         "train/fvu/avg": st["fvu"].mean().item(),

@@ -380,8 +380,8 @@ def test_shared_pass_feeds_accumulators_exactly(tiny, cache):
     info = stream(p, [rec, acc_d, acc_e], DataOptions(batch_size=3, precision="fp32"))
     assert info["positions"] == chunks.numel() and 0 < info["tokens"] < chunks.numel()  # EOS left out
     A = torch.cat([dense_latents(b.topk, 96) for b in rec.batches], 1)  # [L, n, P, F]
-    special = transformer.special_mask(chunks)
-    assert (A[:, special] == 0).all()
+    special = ~sae.config.positions.keep(transformer.special_mask(chunks))  # special tokens and position 0
+    assert special[:, 0].all() and (A[:, special] == 0).all()
     with torch.no_grad():
         x = transformer.residuals(chunks[:2], [0, 1, 2])
         _, topk = sae(x)
@@ -433,9 +433,23 @@ def test_bad_options_are_one_line_errors(tiny, capsys, module, args, message):
 def test_resid_matches_brute_force(tiny, cache, tiny_llama):
     chunks = load_chunks(str(tiny / "test.jsonl"), "test", tiny_llama.tokenizer, 16, max_tokens=96)
     df, tokens = resid.resid_stats(tiny_llama, chunks, [0, 1, 2], batch_size=4, precision="fp32")
+    special = tiny_llama.special_mask(chunks)
+    kept = ~special
+    kept[:, 0] = False  # the default position rule: special tokens and the first position left out
     with torch.no_grad():
-        x = tiny_llama.residuals(chunks, [0, 1, 2])[:, ~tiny_llama.special_mask(chunks)].double()
+        acts = tiny_llama.residuals(chunks, [0, 1, 2]).double()
+    x = acts[:, kept]
     assert tokens == x.shape[1]
+    # Why the first position is left out: its norms and share of the variance, over non-special positions.
+    first = torch.zeros_like(special)
+    first[:, 0] = True
+    rest = acts[:, ~special]
+    sq_dev = (rest - rest.mean((1, 2), keepdim=True)).pow(2).sum(-1)  # [L, N]
+    share = sq_dev[:, first[~special]].sum(1) / sq_dev.sum(1)
+    for l in range(3):
+        assert df["norm_first"][l] == pytest.approx(acts[l][first & ~special].norm(dim=-1).mean().item(), rel=1e-5)
+        assert df["norm_rest"][l] == pytest.approx(acts[l][~first & ~special].norm(dim=-1).mean().item(), rel=1e-5)
+        assert df["first_variance_share"][l] == pytest.approx(share[l].item(), rel=1e-5)
     norms = x.norm(dim=-1)
     c = x - x.mean(1, keepdim=True)
     for l in range(3):

@@ -10,10 +10,12 @@ import pytest
 import torch
 import zstandard
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mlsae import data
-from mlsae.data import ChunkLoader, describe, iter_documents, iter_texts, load_chunks, tokenize_chunks
+from mlsae.data import (ChunkLoader, adds_bos, describe, iter_documents, iter_texts, load_chunks,
+                        tokenize_chunks)
+from mlsae.tiny import ARCHS, _train_tokenizer
 from mlsae.utils import MLSAEError, cache_dir
 
 SHARED_CACHE = cache_dir()  # the real cache (./cache), where `brown` is fetched once for all tests
@@ -243,6 +245,114 @@ def test_load_chunks_caches(tmp_path, tmp_cache, tok, monkeypatch):
     assert load_chunks(str(path), "train", other, max_length=4)[0].tolist() == ids("a b c <bos>")
     assert len(list((tmp_cache / "tokens").glob("*.safetensors"))) == 4
     assert not list((tmp_cache / "tokens").glob(".*"))  # no temporary files left
+
+
+# ----------------------------------------------------------------------------------------------
+# BOS: tokenizers that prepend it get it at the start of every chunk
+
+BOS_TEXTS = ["The cat sat on the mat.", "Residual streams carry information between layers. 😀",
+             "Numbers like 42 and 3.14 appear, as do names such as Paris.", "She opened the door."] * 3
+
+
+def saved_and_loaded(tokenizer, path: Path):
+    """The tokenizer as the library gets it: saved, then loaded back with AutoTokenizer."""
+    tokenizer.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def bos_tok(tmp_path_factory):
+    """The tiny byte-level BPE with a separate ``<s>`` BOS that its encodings start with (as Llama-2)."""
+    return saved_and_loaded(_train_tokenizer(bos=True), tmp_path_factory.mktemp("bos-tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def plain_tok(tmp_path_factory):
+    """The same BPE as the tiny models have: one token for BOS, EOS and padding, none added."""
+    return saved_and_loaded(_train_tokenizer(), tmp_path_factory.mktemp("plain-tokenizer"))
+
+
+def eos_stream(tokenizer, texts: list[str]) -> list[int]:
+    """The documents' ids joined (each followed) by EOS, with no special tokens of the tokenizer's own."""
+    out: list[int] = []
+    for text in texts:
+        out += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return out
+
+
+def test_bos_tokenizer_is_real(bos_tok):
+    bos = bos_tok.bos_token_id
+    assert bos is not None and bos != bos_tok.eos_token_id
+    assert bos_tok("x")["input_ids"][0] == bos and bos_tok("x", add_special_tokens=False)["input_ids"][0] != bos
+    assert bos in bos_tok.all_special_ids  # so the library leaves BOS positions out of the SAE's data
+    assert adds_bos(bos_tok)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_models_do_not_add_bos(tiny_model_dir, arch):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir(arch))
+    assert tokenizer.bos_token_id == tokenizer.eos_token_id and not adds_bos(tokenizer)
+
+
+def test_adds_bos_of_the_word_tokenizers(tok):
+    assert not adds_bos(tok) and not adds_bos(make_tokenizer(eos_token="<eos>")) and not adds_bos(make_tokenizer())
+
+
+@pytest.mark.parametrize("max_length", [2, 5, 16])
+def test_every_chunk_starts_with_bos(bos_tok, max_length):
+    chunks = tokenize_chunks(BOS_TEXTS, bos_tok, max_length=max_length)
+    stream = eos_stream(bos_tok, BOS_TEXTS)
+    body = max_length - 1
+    assert chunks.dtype == torch.int64 and chunks.shape == (len(stream) // body, max_length)
+    assert (chunks[:, 0] == bos_tok.bos_token_id).all()
+    assert chunks[:, 1:].flatten().tolist() == stream[: len(chunks) * body]  # the stream runs on across chunks
+    assert bos_tok.bos_token_id not in stream  # BOS only where a chunk starts
+
+
+def test_bos_token_budget_counts_bos(bos_tok):
+    chunks = tokenize_chunks(itertools.cycle(BOS_TEXTS), bos_tok, max_length=8, limit_tokens=43)
+    assert chunks.shape == (5, 8)  # 43 // 8 chunks, each 1 BOS + 7 stream tokens
+    assert chunks[:, 1:].flatten().tolist() == eos_stream(bos_tok, BOS_TEXTS)[:35]
+
+
+def test_bos_needs_two_positions(bos_tok):
+    with pytest.raises(MLSAEError, match="max_length must be at least 2.*adds BOS"):
+        tokenize_chunks(BOS_TEXTS, bos_tok, max_length=1)
+    with pytest.raises(MLSAEError, match="fewer than one chunk of 4 \\(BOS included\\) \\(limit 3\\)"):
+        tokenize_chunks(BOS_TEXTS, bos_tok, max_length=4, limit_tokens=3)
+
+
+@pytest.mark.parametrize("limit", [None, 40])
+def test_without_bos_the_packing_is_unchanged(plain_tok, limit):
+    stream = eos_stream(plain_tok, BOS_TEXTS)
+    chunks = tokenize_chunks(BOS_TEXTS, plain_tok, max_length=8, limit_tokens=limit)
+    n = min(len(stream), limit or len(stream)) // 8
+    assert chunks.tolist() == torch.tensor(stream[: n * 8]).view(n, 8).tolist()
+
+
+def test_cache_key_follows_bos(tmp_path, tmp_cache, bos_tok, monkeypatch):
+    path = write(tmp_path / "docs.jsonl", [{"text": t} for t in BOS_TEXTS])
+    with_bos = data._cache_key(path, bos_tok, 8, None)
+    chunks = load_chunks(str(path), "train", bos_tok, max_length=8)
+    assert (chunks[:, 0] == bos_tok.bos_token_id).all()
+    assert [f.stem for f in (tmp_cache / "tokens").glob("*.safetensors")] == [with_bos]
+    with monkeypatch.context() as m:  # the same tokenizer as if it added nothing: another key and chunks
+        m.setattr(data, "adds_bos", lambda tokenizer: False)
+        assert data._cache_key(path, bos_tok, 8, None) != with_bos
+        old = load_chunks(str(path), "train", bos_tok, max_length=8)
+        assert old.flatten().tolist() == eos_stream(bos_tok, BOS_TEXTS)[: old.numel()]
+    assert torch.equal(load_chunks(str(path), "train", bos_tok, max_length=8), chunks)  # its own cache again
+    assert len(list((tmp_cache / "tokens").glob("*.safetensors"))) == 2
+
+
+def test_fingerprint_without_bos_is_unchanged(plain_tok):
+    import hashlib
+
+    probe = ["Hello, world!", " The quick brown fox.\n\nIt's 1961; naïve café — “quoted” 12345."]
+    ident = {"name": str(plain_tok.name_or_path), "class": type(plain_tok).__name__, "vocab": len(plain_tok),
+             "sep": plain_tok.eos_token_id, "enc": plain_tok(probe, add_special_tokens=False)["input_ids"]}
+    old = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    assert data.tokenizer_fingerprint(plain_tok) == old  # caches of tokenizers without BOS stay valid
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def tiny(tmp_path_factory):
 def test_metrics_match_an_independent_computation(tiny):
     cfg = EvalConfig(repo_id=str(tiny / "sae"), path=str(tiny / "test.jsonl"), split="test", max_length=32,
                      batch_size=4, max_tokens=1024, downstream_tokens=1024, precision="fp32", device="cpu",
-                     skip_special_tokens=False)
+                     skip_special_tokens=False, skip_first=0)
     results = evaluate(cfg)
     model, tokenizer = load_transformer(str(tiny / "tiny"))
     sae = MLSAE.from_pretrained(tiny / "sae")
@@ -66,6 +67,76 @@ def test_metrics_match_an_independent_computation(tiny):
     for name in ("train/fvu", "train/mse", "train/l1", "val/loss/delta", "val/logit/kldiv", "val/logit/mse"):
         assert {f"{name}/layer_0", f"{name}/layer_1", f"{name}/avg"} <= set(results)
     assert 0 <= results["train/l0/avg"] <= 8
+
+
+def test_position_rule_in_metrics(tiny):
+    """The MLSAE's own rule (special tokens and position 0 out): metrics over the kept positions,
+    the share left out, and splicing that leaves the left-out positions as they were."""
+    cfg = EvalConfig(repo_id=str(tiny / "sae"), path=str(tiny / "test.jsonl"), split="test", max_length=32,
+                     batch_size=4, max_tokens=512, downstream_tokens=512, precision="fp32", device="cpu")
+    results = evaluate(cfg)
+    model, tokenizer = load_transformer(str(tiny / "tiny"))
+    sae = MLSAE.from_pretrained(tiny / "sae")
+    assert sae.config.skip_first == 1 and sae.config.skip_special_tokens
+    ids = load_chunks(cfg.path, "test", tokenizer, 32, max_tokens=512)
+    keep = ~torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
+    keep[:, 0] = False
+    assert (~keep[:, 1:]).any()  # EOS inside the chunks too
+    assert results["excluded/tokens"] == (~keep).sum().item()
+    assert results["excluded/share"] == pytest.approx((~keep).float().mean().item())
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        clean = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        for layer in (0, 1):
+            h = out.hidden_states[layer + 1]
+            x = h[keep]
+            recon, _ = sae(x)
+            fvu = (recon - x).pow(2).sum() / (x - x.mean()).pow(2).sum()
+            assert results[f"train/fvu/layer_{layer}"] == pytest.approx(fvu.item(), rel=1e-4)
+            sq_dev = (h - h.mean()).pow(2).sum(-1)
+            share = sq_dev[~keep].sum() / sq_dev.sum()
+            assert results[f"excluded/variance/layer_{layer}"] == pytest.approx(share.item(), rel=1e-4)
+            spliced_h = h.clone()
+            spliced_h[keep] = recon
+            block = model.model.layers[layer]
+            handle = block.register_forward_hook(lambda m, a, o: spliced_h if torch.is_tensor(o) else (spliced_h, *o[1:]))
+            try:
+                spliced = model(ids).logits
+            finally:
+                handle.remove()
+            ce = F.cross_entropy(spliced[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            assert results[f"val/loss/delta/layer_{layer}"] == pytest.approx((ce - clean).item(), rel=1e-3, abs=1e-5)
+    everything = evaluate(replace(cfg, skip_special_tokens=False, skip_first=0))
+    assert everything["excluded/tokens"] == 0 and everything["excluded/variance/avg"] == 0
+    assert everything["train/fvu/avg"] != pytest.approx(results["train/fvu/avg"])
+
+
+def test_bos_model_chunks_and_metrics(tmp_path):
+    """A tokenizer that adds BOS: every chunk starts with it, and the BOS position is left out of the
+    metrics like any special token (with skip_first 0 nothing else is)."""
+    model_dir = make_tiny("llama", tmp_path / "bos", n_layers=2, bos=True)
+    model, tokenizer = load_transformer(str(model_dir))
+    bos = tokenizer.bos_token_id
+    assert bos != tokenizer.eos_token_id and tokenizer("x")["input_ids"][0] == bos
+    with open(tmp_path / "test.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"text": f"Note {i}: the lamp on the desk was still warm. " * 4}) + "\n")
+    ids = load_chunks(str(tmp_path / "test.jsonl"), "test", tokenizer, 32, max_tokens=512)
+    assert (ids[:, 0] == bos).all() and not (ids[:, 1:] == bos).any()
+    torch.manual_seed(0)
+    sae = MLSAE(SAEConfig(n_inputs=64, n_latents=128, k=8, n_layers=2, model_name=str(model_dir), skip_first=0))
+    sae.save_pretrained(tmp_path / "sae")
+    cfg = EvalConfig(repo_id=str(tmp_path / "sae"), path=str(tmp_path / "test.jsonl"), max_length=32,
+                     batch_size=4, max_tokens=512, downstream_tokens=128, precision="fp32", device="cpu")
+    results = evaluate(cfg)
+    special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
+    assert results["excluded/tokens"] == special.sum().item() >= len(ids)
+    with torch.no_grad():
+        h = model(ids, output_hidden_states=True).hidden_states[1]
+    x = h[~special]
+    recon, _ = sae(x)
+    fvu = (recon - x).pow(2).sum() / (x - x.mean()).pow(2).sum()
+    assert results["train/fvu/layer_0"] == pytest.approx(fvu.item(), rel=1e-4)
 
 
 def test_cli_writes_csv_and_json(tiny):

@@ -51,10 +51,13 @@ def _ids(tf, prompt: str = PROMPT) -> torch.Tensor:
 
 
 def _dense(sae: MLSAE, resid: torch.Tensor) -> torch.Tensor:
-    """Latent activations ``[L, P, F]`` computed from scratch."""
+    """Latent activations ``[L, P, F]`` computed from scratch (PROMPT has no special tokens, so the
+    position rule leaves out only the first ``skip_first`` positions)."""
     _, topk = sae(resid)
     out = torch.zeros(*resid.shape[:-1], sae.config.n_latents)
-    return out.scatter(-1, topk.indices, topk.values)
+    out = out.scatter(-1, topk.indices, topk.values)
+    out[:, : sae.config.skip_first] = 0
+    return out
 
 
 # ----------------------------------------------------------------------------- values behind the views
@@ -84,6 +87,7 @@ def test_activations_match_sae_on_residuals(explorer):
         for layer in explorer.layers:
             torch.testing.assert_close(explorer.token_strip(run, layer, latent), dense[layer, :, latent])
     recon, _ = sae(resid)
+    recon[:, : sae.config.skip_first] = resid[:, : sae.config.skip_first]  # left out by the position rule
     torch.testing.assert_close(run.recon, recon)
 
 
@@ -163,7 +167,9 @@ def test_reconstruction_logits(explorer):
     run = explorer.submit(PROMPT)
     ids = run.input_ids[None]
     for layer in explorer.layers:
-        recon, _ = sae(tf.residuals(ids, [layer])[0, 0].float())
+        h = tf.residuals(ids, [layer])[0, 0].float()
+        recon, _ = sae(h)
+        recon[: sae.config.skip_first] = h[: sae.config.skip_first]  # left out by the position rule
         expected = tf.logits_with_edit(ids, layer, lambda h, r=recon: r[None])[0]
         torch.testing.assert_close(explorer.recon_logits(run, layer), expected.float(), rtol=1e-4, atol=1e-4)
     lists = explorer.logits_recon(run, 1, 6)
@@ -180,10 +186,12 @@ def test_steering_is_in_the_models_own_scale(explorer):
     h = tf.residuals(ids, [layer])[0, 0].float()
     std = (h - h.mean(-1, keepdim=True)).std(-1, keepdim=True) + STD_EPS  # the SAE's per-token scale
     steered = h + factor * std * sae.W_dec[latent].detach()
+    steered[: sae.config.skip_first] = h[: sae.config.skip_first]  # left out by the position rule
     expected = tf.logits_with_edit(ids, layer, lambda _: steered[None])[0]
     torch.testing.assert_close(explorer.steered_logits(run, layer, latent, factor), expected.float(), rtol=1e-4, atol=1e-4)
     step = explorer.steered_resid(run, layer, latent, factor) - run.resid[layer]
-    torch.testing.assert_close(step.norm(dim=-1), factor * std[:, 0], rtol=1e-4, atol=1e-5)  # unit decoder rows
+    kept = slice(sae.config.skip_first, None)
+    torch.testing.assert_close(step[kept].norm(dim=-1), factor * std[kept, 0], rtol=1e-4, atol=1e-5)  # unit decoder rows
     # One unit of steering is worth one unit of the latent: encoding moves by about the factor.
     assert explorer.steered_logits(run, layer, latent, 0.0) is run.logits
     lists = explorer.logits_steered(run, layer, latent, factor, 3)
@@ -202,14 +210,19 @@ def test_edited_logits_are_cached(explorer, monkeypatch):
     assert len(calls) == 2
 
 
-def test_special_tokens_are_not_encoded(explorer):
+def test_excluded_positions_are_not_encoded(explorer):
+    """Special tokens and the first position (the MLSAE's position rule) are left as they are."""
     eos = explorer.transformer.tokenizer.eos_token
     run = explorer.submit(f"Hello there.{eos}Next document")
-    assert run.special.any()
-    assert (run.topk.values[:, run.special] == 0).all()
-    torch.testing.assert_close(run.recon[:, run.special], run.resid[:, run.special])
+    eos_at = run.input_ids == explorer.transformer.tokenizer.eos_token_id
+    assert eos_at.any() and not eos_at[0]
+    assert (run.excluded == (eos_at | (torch.arange(run.n_tokens) < explorer.sae.config.skip_first))).all()
+    assert run.excluded[0] and explorer.sae.config.skip_first == 1
+    assert (run.topk.values[:, run.excluded] == 0).all()
+    assert (run.topk.values[:, ~run.excluded] > 0).any()
+    torch.testing.assert_close(run.recon[:, run.excluded], run.resid[:, run.excluded])
     step = explorer.steered_resid(run, 0, 3, 5.0) - run.resid[0]
-    assert (step[run.special] == 0).all()
+    assert (step[run.excluded] == 0).all() and (step[~run.excluded] != 0).any()
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from mlsae.metrics import DownstreamMetrics, ReconstructionMetrics, cross_entropy, fvu, kl_div
 from mlsae.model import MLSAE, SAEConfig, geometric_median, repo_id
+from mlsae.positions import PositionRule
 from mlsae.utils import MLSAEError
 
 
@@ -243,12 +244,47 @@ def test_reference_checkpoint_loads_with_identical_outputs(tmp_path, tfm):
     sae = MLSAE.from_pretrained(tmp_path)
     assert sae.config.k == k and sae.config.n_latents == F
     assert sae.config.n_layers == (6 if tfm else 1)
+    # The reference trained on every non-special position: its rule is kept.
+    assert sae.config.positions == PositionRule(skip_special_tokens=True, skip_first=0)
     x = torch.randn(2, 10, d) * 4 + 1
     recon, topk = sae(x)
     ref_recon, ref_dense = reference_forward(x, enc, dec, b, k)
     torch.testing.assert_close(recon, ref_recon, rtol=1e-4, atol=1e-4)
     dense = torch.zeros(2, 10, F).scatter(-1, topk.indices, topk.values)
     torch.testing.assert_close(dense, ref_dense, rtol=1e-4, atol=1e-5)
+
+
+def test_position_rule_is_recorded_and_old_configs_keep_theirs(tmp_path):
+    sae = make(n_layers=2, skip_first=2, max_norm_ratio=8.0)
+    sae.save_pretrained(tmp_path / "new")
+    loaded = MLSAE.from_pretrained(tmp_path / "new")
+    assert loaded.config.positions == PositionRule(True, 2, 8.0)
+    assert MLSAE(SAEConfig(n_inputs=16, n_latents=64)).config.positions == PositionRule(True, 1, None)
+    # Format 1 (before the rule) trained on position 0: it loads with skip_first 0.
+    sae.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in ("skip_first", "max_norm_ratio", "skip_special_tokens"):
+        del config[key]
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**config, "format_version": 1}))
+    assert MLSAE.from_pretrained(tmp_path / "old").config.positions == PositionRule(True, 0, None)
+    with pytest.raises(MLSAEError, match="skip_first"):
+        SAEConfig(n_inputs=4, n_latents=8, k=2, skip_first=-1)
+    with pytest.raises(MLSAEError, match="max_norm_ratio"):
+        SAEConfig(n_inputs=4, n_latents=8, k=2, max_norm_ratio=0.5)
+
+
+def test_position_rule_keep():
+    special = torch.tensor([[False, False, True, False, False], [True, False, False, False, False]])
+    acts = torch.ones(2, 2, 5, 3)
+    acts[1, 0, 3] = 100.0  # an outlier at one layer only
+    assert PositionRule(True, 0).keep(special).tolist() == (~special).tolist()
+    assert PositionRule(False, 0).keep(special).all()
+    assert PositionRule(True, 2).keep(special).tolist() == [[False, False, False, True, True],
+                                                            [False, False, True, True, True]]
+    kept = PositionRule(True, 1, max_norm_ratio=10.0).keep(special, acts)
+    assert kept.tolist() == [[False, True, False, False, True], [False, True, True, True, True]]
+    with pytest.raises(ValueError):
+        PositionRule(max_norm_ratio=10.0).keep(special)
 
 
 def test_bad_checkpoints(tmp_path):

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from mlsae.tiny import make_tiny
+from mlsae.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the cat dog river mountain sings runs quickly under over blue red green house tree "
@@ -67,6 +68,25 @@ def test_train_writes_model_logs_and_learns(setup):
     assert {"train/fvu/layer_0", "train/fvu/layer_2", "train/dead/rel", "loss/auxk"} <= set(lines[0])
     config = json.loads((folder / "config.json").read_text())
     assert config["n_layers"] == 3 and config["k"] == 4 and config["n_latents"] == 2 * config["n_inputs"]
+    # The position rule: the first position of each of the 4 sequences per step and the EOS tokens are
+    # left out (and recorded); with nothing left out every position trains.
+    assert config["skip_first"] == 1 and config["skip_special_tokens"] and lines[0]["tokens"] <= 128 - 4
+    every = setup["tmp"] / "every"
+    assert run(args(setup, every, "--skip_first", "0", "--skip_special_tokens", "false",
+                    "--max_tokens", "256")).returncode == 0
+    lines = [json.loads(line) for line in (only_run(every) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in lines] == [128, 256]
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(tokens_per_step=256, max_length=64, batch_size=4, max_tokens=256 * 10, lr=1e-3,
+                      warmup_steps=4, lr_schedule="linear")
+    lrs = [cfg.lr_at(s) for s in range(cfg.steps)]
+    assert lrs[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
+    assert lrs[5:] == pytest.approx([1e-3 * (1 - i / 6) for i in range(1, 6)])
+    cosine = TrainConfig(tokens_per_step=256, max_length=64, batch_size=4, max_tokens=2560, lr_schedule="cosine")
+    assert cosine.lr_at(0) == pytest.approx(1e-3) and cosine.lr_at(5) == pytest.approx(5e-4)
+    assert TrainConfig(tokens_per_step=256, max_length=64, batch_size=4).lr_at(7) == pytest.approx(1e-3)
 
 
 def test_kill_and_resume_equals_uninterrupted(setup):

@@ -32,7 +32,7 @@ class DataOptions:
     batch_size: int = 4
     """Sequences per forward pass."""
     max_tokens: int = 65_536
-    """Tokens to read (special-token positions are then left out)."""
+    """Tokens to read (the positions that the MLSAE's position rule leaves out are then ignored)."""
     precision: str = "bf16"
     """Autocast precision of the transformer and the encoder product (bf16 or fp32)."""
     device: str = "auto"
@@ -55,7 +55,7 @@ class SAEOptions:
     model_name: str | None = None
     """Transformer (default: the one named in the MLSAE's config)."""
     data: DataOptions = field(default_factory=DataOptions)
-    """Held-out data (special-token positions are left out of every analysis)."""
+    """Held-out data (the MLSAE's position rule applies to every analysis)."""
     out_dir: str | None = None
     """Output folder (default: out/analysis/<MLSAE name>)."""
 

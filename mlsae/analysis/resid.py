@@ -1,13 +1,19 @@
 """Residual stream geometry of a transformer (no SAE): ``python -m mlsae.analysis.resid --model_name M``.
 
-Over the held-out tokens (special tokens left out), per layer l (block outputs, as the MLSAE reads them):
+Over the held-out tokens (the positions that the position rule of ``mlsae.positions`` leaves out
+excluded: by default special tokens and the first position), per layer l (block outputs, as the
+MLSAE reads them):
 
 - L2 norms of the residual vectors x_l(t): mean, std (ddof 0), min, 5/50/95% quantiles, max;
 - ``mean_norm``: the norm of the layer's dataset mean m_l (large when one direction dominates);
 - ``cos_next``: the mean over tokens of cos(x_l(t) - m_l, x_l'(t) - m_l'), l' the next layer
   read, with each layer centred by its own dataset mean (the paper's measure of how similar
   adjacent layers are; plain cosines are dominated by the mean direction), and its std;
-- ``cos_next_raw``: the same without centring.
+- ``cos_next_raw``: the same without centring;
+- why the first position is left out: over every non-special position, ``norm_first`` and
+  ``norm_rest``, the mean norm at the first position of a sequence and at the others, and
+  ``first_variance_share``, the first positions' share of the layer's variance (their squared
+  deviations from the layer's scalar mean over the total, as in FVU's denominator).
 
 The means must be known before any centred cosine is taken, so the data is read twice (means and
 norms, then cosines): exact, at twice the cost of one forward pass. Files: ``resid.csv`` (one
@@ -27,7 +33,9 @@ from tqdm.auto import tqdm
 from mlsae.analysis.common import DataOptions, config_dict, output_dir, parse, write_json
 from mlsae.data import load_chunks
 from mlsae.fetch import DEFAULT_MODEL
-from mlsae.train import pick_device, residual_batch
+from mlsae.metrics import ExcludedShare
+from mlsae.positions import PositionRule
+from mlsae.train import pick_device
 from mlsae.transformer import Transformer, load_transformer
 from mlsae.utils import atomic_path, run_cli
 
@@ -77,6 +85,30 @@ class CentredCosines:
         self.n += x.shape[1]
 
 
+class FirstPosition:
+    """Norms at the first position against the rest, and its share of the variance (non-special positions)."""
+
+    def __init__(self, n_layers: int):
+        self.share = ExcludedShare(n_layers)
+        self.norm_sum = torch.zeros(2, n_layers, dtype=torch.float64)  # first, rest
+        self.count = torch.zeros(2, dtype=torch.float64)
+
+    def update(self, acts: Tensor, special: Tensor) -> None:
+        """``acts [L, B, P, d]`` of every position, ``special [B, P]``."""
+        first = torch.zeros_like(special)
+        first[:, 0] = True
+        norms = acts.float().norm(dim=-1)
+        for row, mask in ((0, first & ~special), (1, ~first & ~special)):
+            self.norm_sum[row] += norms[:, mask].double().sum(1).cpu()
+            self.count[row] += int(mask.sum())
+        self.share.update(acts[:, ~special][:, None], ~first[~special][None])
+
+    def columns(self) -> dict[str, Tensor]:
+        means = self.norm_sum / self.count.clamp_min(1)[:, None]
+        return {"norm_first": means[0], "norm_rest": means[1],
+                "first_variance_share": self.share.compute()["excluded_variance"]}
+
+
 def frame(layers: list[int], moments: ResidMoments, centred: CentredCosines) -> pd.DataFrame:
     norms = torch.cat(moments.norms, 1).double() if moments.norms else torch.zeros(len(layers), 0)
     q = norms.quantile(torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64), dim=1)
@@ -101,7 +133,7 @@ def frame(layers: list[int], moments: ResidMoments, centred: CentredCosines) -> 
 
 @torch.no_grad()
 def resid_stats(transformer: Transformer, chunks: Tensor, layers: list[int], batch_size: int = 4,
-                precision: str = "bf16") -> tuple[pd.DataFrame, int]:
+                precision: str = "bf16", rule: PositionRule = PositionRule()) -> tuple[pd.DataFrame, int]:
     """The per-layer table of the module docstring and the token count, from two passes over ``chunks``."""
     device = transformer.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -110,16 +142,21 @@ def resid_stats(transformer: Transformer, chunks: Tensor, layers: list[int], bat
         for start in tqdm(range(0, len(chunks), batch_size), desc=desc, unit="batch"):
             ids = chunks[start : start + batch_size].to(device)
             with autocast:
-                x = residual_batch(transformer, ids, layers, skip_special=True)
-            yield x
+                acts = transformer.residuals(ids, layers)
+            special = transformer.special_mask(ids)
+            yield acts, special, rule.keep(special, acts)
 
-    moments = ResidMoments(len(layers), transformer.d_model)
-    for x in batches("resid: means"):
-        moments.update(x)
+    moments, first = ResidMoments(len(layers), transformer.d_model), FirstPosition(len(layers))
+    for acts, special, keep in batches("resid: means"):
+        moments.update(acts[:, keep].float())
+        first.update(acts, special)
     centred = CentredCosines(moments.mean)
-    for x in batches("resid: cosines"):
-        centred.update(x)
-    return frame(layers, moments, centred), moments.n
+    for acts, _, keep in batches("resid: cosines"):
+        centred.update(acts[:, keep].float())
+    df = frame(layers, moments, centred)
+    for name, values in first.columns().items():
+        df[name] = values.numpy()
+    return df, moments.n
 
 
 @dataclass
@@ -130,6 +167,8 @@ class ResidOptions:
     """Layers to read (default: all); cosines compare each with the next one listed."""
     data: DataOptions = field(default_factory=DataOptions)
     """Held-out data."""
+    positions: PositionRule = field(default_factory=PositionRule)
+    """Which positions are left out (as an MLSAE trained with the same rule would see the data)."""
     out_dir: str | None = None
     """Output folder (default: out/analysis/<model name>)."""
 
@@ -141,11 +180,12 @@ def run(cfg: ResidOptions) -> tuple[pd.DataFrame, dict]:
     layers = transformer._check_layers(cfg.layers)
     d = cfg.data
     chunks = load_chunks(d.path, d.split, transformer.tokenizer, d.max_length, max_tokens=d.max_tokens)
-    df, tokens = resid_stats(transformer, chunks, layers, d.batch_size, d.precision)
+    df, tokens = resid_stats(transformer, chunks, layers, d.batch_size, d.precision, cfg.positions)
     out = output_dir(cfg.out_dir, cfg.model_name)
     with atomic_path(out / "resid.csv") as tmp:
         df.to_csv(tmp, index=False)
     summary = {"cos_next_mean": df["cos_next"].mean(), "cos_next_raw_mean": df["cos_next_raw"].mean(), "tokens": tokens,
+               "positions": cfg.positions.describe(),
                "layers": layers, "config": config_dict(cfg)}
     write_json(out / "resid.json", summary)
     return df, summary

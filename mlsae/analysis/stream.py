@@ -1,9 +1,10 @@
 """The shared pass: one transformer forward and one MLSAE encode per batch feed every accumulator.
 
 ``dists``, ``variances`` and ``examples`` only need each token's TopK latents at every layer,
-so they run together over the data once (``python -m mlsae.analysis.run``). Special-token
-positions keep their place in the batch (the examples' context windows need them) but their
-activations are zeroed, so no analysis counts them.
+so they run together over the data once (``python -m mlsae.analysis.run``). Positions that the
+MLSAE's position rule leaves out (``mlsae.positions``: special tokens, the attention sink) keep
+their place in the batch (the examples' context windows need them) but their activations are
+zeroed, so no analysis counts them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Batch:
     """What an accumulator sees of one batch."""
 
     ids: Tensor  # [B, P] token ids
-    keep: Tensor  # [B, P] False at special tokens
+    keep: Tensor  # [B, P] False where the position rule leaves a position out
     topk: TopK  # [L, B, P, k] float32 values (0 where keep is False) and latent indices
     start: int  # row of ids[0] in the chunk tensor, so (start + b, p) names a token globally
 
@@ -68,14 +69,15 @@ def prepare(cfg: SAEOptions) -> Pass:
 
 
 @torch.no_grad()
-def encode_batch(sae: MLSAE, transformer: Transformer, ids: Tensor, layers: Sequence[int], precision: str = "bf16",
-                 skip_special: bool = True) -> tuple[Tensor, TopK]:
-    """``keep [B, P]`` and the TopK latents ``[L, B, P, k]`` of every position, zeroed where not kept."""
+def encode_batch(sae: MLSAE, transformer: Transformer, ids: Tensor, layers: Sequence[int],
+                 precision: str = "bf16") -> tuple[Tensor, TopK]:
+    """``keep [B, P]`` (the MLSAE's position rule) and the TopK latents ``[L, B, P, k]`` of every
+    position, zeroed where not kept."""
     device = transformer.device
     ids = ids.to(device)
-    keep = ~transformer.special_mask(ids) if skip_special else torch.ones_like(ids, dtype=torch.bool)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         acts = transformer.residuals(ids, list(layers))
+        keep = sae.config.positions.keep(transformer.special_mask(ids), acts)
         topk = sae.encode(acts.float())
     values = topk.values.float() * keep[..., None]
     return keep, TopK(values, topk.indices)
