@@ -13,10 +13,14 @@ every contestant alike):
   roofline of a TopK step (2*B*d*n FLOPs; every other part can be sparse).
 
 bf16 means autocast with fp32 master weights for everyone (sparsify autocasts only on CUDA by
-itself, so on CPU its forward is wrapped like the others). Prints vectors/s, mlsae's ratio to
-each competitor and mlsae's fraction of the roofline; ``--json PATH`` writes the same.
+itself, so on CPU its forward is wrapped like the others). Prints the machine (CPU, cores and
+the fp32 and bf16 GEMM rates mlsae.precision measured, which choose mlsae's kernel paths),
+vectors/s, the encode path each mlsae row took, mlsae's ratio to each competitor and its
+fraction of the roofline, and a PASS/FAIL line per target (TARGETS); ``--json PATH`` writes the same.
 ``--sweep`` also measures end to end on the default model: a 4-config sweep in one pass versus
-the 4 runs one after another, with tokens/s and peak memory of the default run.
+the 4 runs one after another, with tokens/s and peak memory of the default run, and that run's
+steady tokens/s over the limit set by its transformer forward plus its encoder product, both
+timed in this run (target: END_TO_END_TARGET).
 
     make bench                     # sets up .venv-bench with the competitors, then runs this
     python benchmarks/bench.py --quick
@@ -50,6 +54,11 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(576, 4608, 32), (512, 32768, 32)]  # SmolLM2 x8, Pythia-70m x64
 Step = Callable[[torch.Tensor], None]  # one training step on a batch [B, d]
+# What mlsae must reach at every shape and precision: speed-up over each competitor, and the
+# fraction of the roofline (the encoder's dense product in the same run and precision).
+TARGETS = {"sparsify": 1.5, "saelens": 2.0, "gemm": 0.5}
+# The default run's steady tokens/s over the limit its transformer forward plus encoder product set.
+END_TO_END_TARGET = 0.7
 
 
 # ----------------------------------------------------------------------------- contestants
@@ -60,6 +69,7 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def make_mlsae(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
+    from mlsae.kernels import encode_path
     from mlsae.model import MLSAE, SAEConfig
 
     sae = MLSAE(SAEConfig(n_inputs=x.shape[1], n_latents=n, k=k)).to(x.device).train()
@@ -77,6 +87,12 @@ def make_mlsae(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
         sae.normalize_decoder()
         sae.update_dead(fired, x.shape[0])
 
+    def path() -> str:  # the encode path of the next step: "fp32 mixed-select", "bf16 tiled", ...
+        with autocast(x.device, bf16):
+            name = encode_path(x, sae.W_enc, k, aux=bool(sae.dead_mask().any()))
+        return f"{'bf16' if bf16 else 'fp32'} {name}"
+
+    step.path = path
     return step
 
 
@@ -182,6 +198,7 @@ def bench_config(d: int, n: int, k: int, batch: int, bf16: bool, device: torch.d
         for name, step in steps.items():
             x = low[r] if name == "gemm" else batches[r]
             times[name].append(clock(lambda: step(x)))
+    paths = {name: step.path() for name, step in steps.items() if hasattr(step, "path")}
     del steps
     gc.collect()
     records = []
@@ -197,6 +214,8 @@ def bench_config(d: int, n: int, k: int, batch: int, bf16: bool, device: torch.d
         rec.update(seconds=t, seconds_best=best[name], vectors_per_s=batch / t, seconds_all=times[name])
         if name == "gemm":
             rec["gflops"] = 2 * batch * d * n / t / 1e9
+        if name in paths:
+            rec["path"] = paths[name]
         if name == "mlsae" and "gemm" in med:
             rec["roofline_fraction"] = med["gemm"] / t
             rec["roofline_fraction_best"] = best["gemm"] / best[name]
@@ -238,8 +257,50 @@ def run_train(args: list[str], out: Path) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     peak = int(peak_file.read_text()) / 2**20 if peak_file.is_file() else None  # kB -> GB
-    last = [json.loads(p.read_text().splitlines()[-1]) for p in sorted(out.glob("*/metrics.jsonl"))]
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_gb": peak, "tokens_per_s": [r["tokens_per_s"] for r in last]}
+    logs = [[json.loads(line) for line in p.read_text().splitlines()] for p in sorted(out.glob("*/metrics.jsonl"))]
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_gb": peak, "tokens_per_s": [log[-1]["tokens_per_s"] for log in logs],
+            "steady_tokens_per_s": [steady_rate(log) for log in logs], "precision": logs[0][-1].get("precision") if logs else None}
+
+
+def steady_rate(log: list[dict]) -> float:
+    """Tokens/s after the first logged step (which also initialises the pre-encoder bias), from the
+    log's cumulative rates (elapsed = tokens / tokens_per_s)."""
+    if len(log) < 2:
+        return log[-1]["tokens_per_s"]
+    elapsed = [r["tokens"] / r["tokens_per_s"] for r in (log[0], log[-1])]
+    return (log[-1]["tokens"] - log[0]["tokens"]) / (elapsed[1] - elapsed[0])
+
+
+@torch.no_grad()
+def bench_limit(precision: str, n_latents: int = 4608, rounds: int = 5) -> dict:
+    """What bounds the default run: its transformer forward (to the deepest layer, no LM head) and its
+    encoder product (every kept vector of every layer by all latents), timed on one micro-batch of
+    real training text in ``precision``; the limit is kept tokens over their summed time."""
+    from mlsae.data import load_chunks
+    from mlsae.precision import autocast as precision_autocast
+    from mlsae.train import TrainConfig
+    from mlsae.transformer import Transformer, load_transformer
+
+    cfg = TrainConfig()
+    tf = Transformer(*load_transformer(cfg.model_name))
+    ids = load_chunks(cfg.path, "train", tf.tokenizer, cfg.max_length, max_tokens=cfg.batch_size * cfg.max_length)
+    layers = list(range(tf.n_layers))
+    autocast = precision_autocast(precision, torch.device("cpu"))
+    W = torch.randn(n_latents, tf.d_model)
+    times = {"forward": [], "encoder_product": []}
+    for _ in range(rounds + 1):
+        with autocast:
+            start = time.perf_counter()
+            acts = tf.residuals(ids, layers)
+            times["forward"].append(time.perf_counter() - start)
+            x = acts[:, cfg.positions.keep(tf.special_mask(ids), acts)].flatten(0, 1).float()
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, W)
+            times["encoder_product"].append(time.perf_counter() - start)
+    kept = x.shape[0] // len(layers)
+    median = {k: statistics.median(v[1:]) for k, v in times.items()}
+    return {"precision": precision, "kept_tokens": kept, **{f"{k}_seconds": v for k, v in median.items()},
+            "limit_tokens_per_s": kept / sum(median.values())}
 
 
 def bench_sweep(max_tokens: int) -> dict:
@@ -269,6 +330,8 @@ def bench_sweep(max_tokens: int) -> dict:
         "sweep_over_sequential_cpu": sweep["cpu_seconds"] / sequential_cpu,
         "default_run_seconds": default["seconds"],
         "default_tokens_per_s": default["tokens_per_s"][0] if default["tokens_per_s"] else None,
+        "default_steady_tokens_per_s": default["steady_tokens_per_s"][0] if default["steady_tokens_per_s"] else None,
+        "default_precision": default["precision"],
         "default_peak_rss_gb": default["peak_rss_gb"],
     }
 
@@ -277,9 +340,12 @@ def bench_sweep(max_tokens: int) -> dict:
 
 
 def machine(device: torch.device) -> dict:
+    from mlsae import precision
+
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": _cpu_name(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+            "cpu": precision.cpu_model(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gemm_rates": precision.gemm_rates(device),
+            "auto_precision": precision.resolve("auto", device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     for pkg in ("eai-sparsify", "sae-lens"):
@@ -292,23 +358,24 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+def print_machine(info: dict) -> None:
+    rates = info["gemm_rates"]
+    print(f"{info['cpu']} ({info.get('gpu', 'CPU only')}), {info['cores']} cores, torch {info['torch']}, "
+          f"{info['threads']} threads, {datetime.date.today()}, load average {info['load_average'][0]:.1f}")
+    print(f"GEMM [{' x '.join(map(str, rates['shape']))}]: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} "
+          f"GFLOP/s (bf16/fp32 {rates['bf16'] / rates['fp32']:.2f}; mlsae.precision, measured {rates['measured']}); "
+          f"auto precision: {info['auto_precision']}")
 
 
 def print_table(records: list[dict]) -> None:
     """Medians over the rounds; in brackets the same from each contestant's best round."""
-    print(f"{'shape':>22} {'prec':>5} {'contestant':>9} {'ms/step':>9} {'(best)':>8} {'vectors/s':>10}  note")
+    print(f"{'shape':>22} {'prec':>5} {'contestant':>9} {'ms/step':>9} {'(best)':>8} {'vectors/s':>10}  "
+          f"{'path':<18} note")
     for r in records:
         shape = f"d={r['d']} n={r['n_latents']} k={r['k']}"
         if "error" in r:
-            print(f"{shape:>22} {r['precision']:>5} {r['contestant']:>9} {'-':>9} {'':>8} {'-':>10}  {r['error']}")
+            print(f"{shape:>22} {r['precision']:>5} {r['contestant']:>9} {'-':>9} {'':>8} {'-':>10}  {'':<18} "
+                  f"{r['error']}")
             continue
         note = ""
         if "gflops" in r:
@@ -318,7 +385,30 @@ def print_table(records: list[dict]) -> None:
         if "mlsae_speedup" in r:
             note = f"mlsae/{r['contestant']} = {r['mlsae_speedup']:.2f}x ({r['mlsae_speedup_best']:.2f}x)"
         print(f"{shape:>22} {r['precision']:>5} {r['contestant']:>9} {r['seconds'] * 1e3:>9.1f} "
-              f"{r['seconds_best'] * 1e3:>8.1f} {r['vectors_per_s']:>10.0f}  {note}")
+              f"{r['seconds_best'] * 1e3:>8.1f} {r['vectors_per_s']:>10.0f}  {r.get('path', ''):<18} {note}")
+
+
+def check_targets(records: list[dict]) -> list[dict]:
+    """mlsae's ratio to each competitor and to the roofline against TARGETS, per shape and precision."""
+    checks = []
+    for r in records:
+        if r["contestant"] == "mlsae" and "roofline_fraction" in r:
+            value = r["roofline_fraction"]
+        elif r["contestant"] in TARGETS and "mlsae_speedup" in r:
+            value = r["mlsae_speedup"]
+        else:  # mlsae, or the one compared with, did not run
+            continue
+        against = "gemm" if r["contestant"] == "mlsae" else r["contestant"]
+        checks.append({"d": r["d"], "n_latents": r["n_latents"], "precision": r["precision"], "against": against,
+                       "value": value, "target": TARGETS[against], "pass": value >= TARGETS[against]})
+    return checks
+
+
+def print_targets(checks: list[dict]) -> None:
+    for c in checks:
+        what = "fraction of roofline" if c["against"] == "gemm" else f"mlsae/{c['against']}"
+        print(f"{'PASS' if c['pass'] else 'FAIL'}  d={c['d']} n={c['n_latents']} {c['precision']}: "
+              f"{what} {c['value']:.2f} (target >= {c['target']})")
 
 
 def main() -> None:
@@ -352,18 +442,21 @@ def main() -> None:
 
         native.tune_malloc()  # process-wide: every contestant gets it, as training with mlsae does
     info = machine(device)
-    print(f"{info['cpu']} ({info.get('gpu', 'CPU only')}), torch {info['torch']}, {info['threads']} threads, "
-          f"{datetime.date.today()}, load average {info['load_average'][0]:.1f}")
+    print_machine(info)
     records = []
     for d, n, k in [] if args.sweep_only else SHAPES:
         for precision in args.precision:
             recs = bench_config(d, n, k, batch, precision == "bf16", device, args.contestants, warmup, rounds)
             print_table(recs)
             records += recs
+    checks = check_targets(records)
+    if checks:
+        print("targets" + (" (--quick: batch 512, indicative only; see benchmarks/README.md)" if args.quick else ""))
+        print_targets(checks)
     info["load_average_after"] = os.getloadavg()
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device.type,
               "machine": info, "batch": batch, "rounds": rounds, "malloc_tuned": not args.no_malloc_tuning,
-              "results": records}
+              "results": records, "targets": checks}
     if args.sweep or args.sweep_only:
         sweep = bench_sweep(args.sweep_tokens)
         report["sweep"] = sweep
@@ -372,8 +465,17 @@ def main() -> None:
               f"CPU seconds {sweep['sweep_cpu_seconds']:.0f} vs {sweep['sequential_cpu_seconds']:.0f}, "
               f"ratio {sweep['sweep_over_sequential_cpu']:.2f}")
         peak = sweep["default_peak_rss_gb"]
-        print(f"default run: {sweep['default_tokens_per_s']} tokens/s, peak RSS "
-              f"{'n/a' if peak is None else f'{peak:.2f} GB'} (the whole process)")
+        print(f"default run: {sweep['default_tokens_per_s']} tokens/s ({sweep['default_steady_tokens_per_s']:.0f} after "
+              f"the first step), {sweep['default_precision']}, peak RSS {'n/a' if peak is None else f'{peak:.2f} GB'} "
+              f"(the whole process)")
+        limit = report["limit"] = bench_limit(sweep["default_precision"])
+        ratio = sweep["default_steady_tokens_per_s"] / limit["limit_tokens_per_s"]
+        report["end_to_end"] = {"ratio": ratio, "target": END_TO_END_TARGET, "pass": ratio >= END_TO_END_TARGET}
+        print(f"limit of the default run ({limit['precision']}): forward {limit['forward_seconds'] * 1e3:.0f} ms + encoder "
+              f"product {limit['encoder_product_seconds'] * 1e3:.0f} ms per {limit['kept_tokens']} kept tokens = "
+              f"{limit['limit_tokens_per_s']:.0f} tokens/s")
+        print(f"{'PASS' if ratio >= END_TO_END_TARGET else 'FAIL'}  default run / its limit = {ratio:.2f} "
+              f"(target >= {END_TO_END_TARGET})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -24,6 +24,8 @@ from torch import Tensor
 
 from mlsae.kernels import TopK
 from mlsae.model import MLSAE
+from mlsae.precision import autocast as precision_autocast
+from mlsae.precision import resolve as resolve_precision
 from mlsae.transformer import Transformer
 from mlsae.utils import MLSAEError
 
@@ -211,9 +213,7 @@ class Explorer:
         self.examples, self.examples_message = open_examples(examples)
         self.max_tokens = min(max_tokens, context_length(transformer))
         self.n_logits = n_logits
-        if precision not in ("fp32", "bf16"):
-            raise MLSAEError(f"precision must be fp32 or bf16, got {precision!r}")
-        self.precision = precision  # of the transformer's forwards; bf16 is about twice as fast on CPU
+        self.precision = resolve_precision(precision, transformer.device)  # of the transformer's forwards
         self._runs: _LRU = _LRU(cache_size)
         self._edited: _LRU = _LRU(4 * cache_size)
 
@@ -388,8 +388,7 @@ class Explorer:
             return tf.logits_with_replacement(run.input_ids[None], layer, replacement)[0].float()
 
     def _autocast(self) -> torch.autocast:
-        device = self.transformer.device.type
-        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        return precision_autocast(self.precision, self.transformer.device)
 
     def _top(self, logits: Tensor) -> list[Logit]:
         probs = logits.float().softmax(-1)

@@ -6,8 +6,9 @@ the TopK touches only the k (plus AuxK) selected latents of each vector:
 - encode:   pre = (x - b) @ W_enc.T into reused, cache-sized buffers, never as a whole [N, F]:
             by chunks of vectors (all latents), or for many latents by tiles (a block of
             latents by a chunk of vectors) folded into a running TopK per vector; in fp32 on a
-            CPU that multiplies bf16 natively, latents are ranked by a bf16 product and the
-            best 3k rescored in fp32 under a proven error bound (the same TopK, ~3x faster).
+            CPU whose bf16 product is measured (mlsae.precision) to be fast enough, latents are
+            ranked by a bf16 product and the best 3k rescored in fp32 under a proven error bound
+            (the same TopK; 1.4-2.6x faster where bf16 GEMMs are 4x faster). ``encode_path`` says which.
 - decode:   out[i] = sum_j values[i, j] * W_dec[indices[i, j]]           (embedding_bag)
 - backward: grad_W[f] = sum over (i, j) with indices[i, j] == f of g[i, j] * x[i]   (scatter)
             grad_x[i] = sum_j g[i, j] * W_enc[indices[i, j]]            (embedding_bag)
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mlsae import native
+from mlsae import native, precision
 
 # Bytes of pre-activations per chunk of vectors on the row-chunk path: W_enc is read once per
 # chunk, so chunks must be large for large F; the buffer is reused across steps.
@@ -42,8 +43,10 @@ TILE_BYTES = int(os.environ.get("MLSAE_TILE_BYTES", 4 << 20))
 TILED_MIN_LATENTS = 4 * LATENT_BLOCK
 SPAN_ROWS = 16384  # vectors per pass over W_enc on the tiled path
 # fp32 without autocast: rank latents with a bf16 product, then rescore in fp32 (exact; see
-# _encode_mixed), where the CPU multiplies bf16 natively. MLSAE_MIXED_SELECT=0 turns it off.
-MIXED_SELECT = os.environ.get("MLSAE_MIXED_SELECT", "1") != "0"
+# _encode_mixed), where mlsae.precision measures the bf16 product at least this many times faster
+# than fp32. Measured break-even (batch 4096, k 32): ~2.0x at 4608 latents, ~1.25x at 32768 (the
+# rescoring costs per vector, the saving per latent); AMX Xeon ~4-7x, EPYC 2.6x, no-AMX Xeon 0.6x.
+MIXED_SELECT_SPEEDUP = 2.0
 
 
 class TopK(NamedTuple):
@@ -199,6 +202,25 @@ def _low_precision_input(x: Tensor, b: Tensor | None) -> Tensor | None:
         return x.to(dtype) if b is None else torch.sub(x, b.detach(), out=torch.empty_like(x, dtype=dtype))
 
 
+def mixed_select(device: torch.device) -> bool:
+    """Whether ranking an fp32 TopK by a bf16 product pays on this machine (its measured GEMM rates)."""
+    return device.type == "cpu" and precision.bf16_speedup(device) >= MIXED_SELECT_SPEEDUP
+
+
+def encode_path(x: Tensor, W_enc: Tensor, k: int, aux: bool = False) -> str:
+    """How ``topk_encode`` computes the TopK of ``x`` (under the current autocast):
+
+    - ``"mixed-select"``: fp32, ranked by a bf16 product then rescored in fp32 (``_encode_mixed``);
+    - ``"tiled"``: tiles of the product folded into a running TopK (many latents, native kernels);
+    - ``"rows"``: chunks of vectors by all latents (few latents, AuxK, CUDA, no native kernels).
+    """
+    if aux or x.dtype != torch.float32 or not _native(x, W_enc):
+        return "rows"
+    if gemm_dtype(x) == torch.float32 and W_enc.shape[0] >= 8 * k and mixed_select(x.device):
+        return "mixed-select"
+    return "tiled" if W_enc.shape[0] > TILED_MIN_LATENTS else "rows"
+
+
 @torch.no_grad()
 def _encode_chunks(x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, auxk: int, aux_mask: Tensor | None,
                    u_low: Tensor | None = None) -> list[Tensor]:
@@ -206,24 +228,24 @@ def _encode_chunks(x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, auxk: int
 
     ``u_low``: ``x - b`` already in the product's dtype, when lower than fp32."""
     dtype = gemm_dtype(x)
+    path = encode_path(x, W_enc, k, aux_mask is not None)
     with torch.autocast(x.device.type, enabled=False):
         W = W_enc.detach() if W_enc.dtype == dtype else _buffer("W", W_enc.shape, dtype, x.device).copy_(W_enc)
 
         def inputs(r0: int, r1: int) -> Tensor:  # (x - b)[r0:r1] in the product's dtype
             return u_low[r0:r1] if u_low is not None else _shifted(x[r0:r1], b, dtype)
 
-        if aux_mask is None and x.dtype == torch.float32 and _native(W):
-            if dtype == torch.float32 and MIXED_SELECT and native.fast_bf16() and W.shape[0] >= 8 * k:
-                return _encode_mixed(x, W, b, k)
-            if W.shape[0] > TILED_MIN_LATENTS:
-                out = _encode_tiles(inputs, x.shape[0], W, k)
-                if out is not None:
-                    return out
+        if path == "mixed-select":
+            return _encode_mixed(x, W, b, k)
+        if path == "tiled":
+            out = _encode_tiles(inputs, x.shape[0], W, k)
+            if out is not None:
+                return out
         return _encode_rows(inputs, x, W, k, auxk, aux_mask)
 
 
 def _encode_mixed(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor]:
-    """The fp32 TopK from a bf16 product (~4x faster where the CPU multiplies bf16 natively).
+    """The fp32 TopK from a bf16 product (where bf16 GEMMs are fast enough: see MIXED_SELECT_SPEEDUP).
 
     The bf16 product ranks each vector's latents; its 3k best are rescored in fp32, and an error
     bound (inputs rounded to bf16: 2^-7 |u| |W_f| at most; outputs: 2^-7 of their size) proves

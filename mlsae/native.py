@@ -100,17 +100,6 @@ def _cpu_id() -> bytes:
     return (platform.machine() + flags).encode()
 
 
-@functools.cache
-def fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): then a bf16 product is ~4x an fp32 one."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def tune_malloc() -> bool:
     """Serve large allocations from glibc's heap and keep freed memory: returns whether it applied.
 

@@ -20,6 +20,8 @@ from mlsae.data import load_chunks
 from mlsae.metrics import DownstreamMetrics, ExcludedShare, ReconstructionMetrics
 from mlsae.model import MLSAE, sae_name
 from mlsae.positions import PositionRule
+from mlsae.precision import autocast as precision_autocast
+from mlsae.precision import resolve as resolve_precision
 from mlsae.train import pick_device
 from mlsae.transformer import Transformer, transformer_for
 from mlsae.utils import atomic_path, run_cli
@@ -49,8 +51,8 @@ class EvalConfig:
     """Override the MLSAE's position rule: leave special tokens out (default: as the MLSAE was trained)."""
     skip_first: int | None = None
     """Override the MLSAE's position rule: leading positions left out (default: as the MLSAE was trained)."""
-    precision: str = "bf16"
-    """Autocast precision (bf16 or fp32)."""
+    precision: str = "auto"
+    """Autocast precision (auto: the faster on this machine, bf16 or fp32; mlsae.precision)."""
     device: str = "auto"
     """cpu, cuda, or auto."""
     out_dir: str = "out"
@@ -74,7 +76,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     recon_metrics = ReconstructionMetrics(len(layers), sae.config.n_latents, sae.config.dead_threshold)
     down_metrics = DownstreamMetrics(len(layers))
     excluded = ExcludedShare(len(layers))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = precision_autocast(cfg.precision, device)
     downstream_left = cfg.downstream_tokens
     with torch.no_grad(), autocast:
         for ids in tqdm(chunks.split(cfg.batch_size), desc="evaluate", unit="batch"):
@@ -139,7 +141,9 @@ def write_results(results: dict[str, float], cfg: EvalConfig, name: str, extra: 
     with atomic_path(out / f"test_{name}.csv") as tmp:
         pd.DataFrame([results]).to_csv(tmp, index=False)
     with atomic_path(out / f"test_{name}.json") as tmp:
-        tmp.write_text(json.dumps({"config": asdict(cfg), "results": results, **(extra or {})}, indent=2))
+        precision = resolve_precision(cfg.precision, pick_device(cfg.device))
+        tmp.write_text(json.dumps({"config": asdict(cfg), "precision": precision, "results": results, **(extra or {})},
+                                  indent=2))
     return out / f"test_{name}.csv"
 
 

@@ -34,6 +34,8 @@ from mlsae.data import ChunkLoader, load_chunks
 from mlsae.fetch import DEFAULT_MODEL
 from mlsae.model import MLSAE, SAEConfig, repo_id
 from mlsae.positions import PositionRule, rule_of
+from mlsae.precision import autocast as precision_autocast
+from mlsae.precision import resolve as resolve_precision
 from mlsae.transformer import Transformer, load_transformer
 from mlsae.utils import MLSAEError, atomic_write_text, run_cli
 
@@ -90,8 +92,9 @@ class TrainConfig:
     """Seed of the initialisation and the data order."""
     out_dir: str = "runs/default"
     """Where checkpoints, logs and the trained MLSAEs go."""
-    precision: str = flag(default="bf16", choices=["bf16", "fp32"])
-    """Autocast precision of the transformer and the encoder product (weights stay fp32)."""
+    precision: str = flag(default="auto", choices=["auto", "bf16", "fp32"])
+    """Autocast precision of the transformer and the encoder product (weights stay fp32); auto: the
+    faster on this machine, measured once (mlsae.precision)."""
     device: str = "auto"
     """cpu, cuda, or auto."""
     log_every: int = 10
@@ -430,7 +433,8 @@ def train(cfg: TrainConfig) -> list[Path]:
             run.out.mkdir(parents=True, exist_ok=True)
     wandb_runs = start_wandb(cfg, runs) if cfg.wandb and rank == 0 else []
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    precision = resolve_precision(cfg.precision, device)
+    autocast = precision_autocast(precision, device)
     n_micro = cfg.tokens_per_step // (cfg.batch_size * cfg.max_length * world)
     batches = iter(loader)
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
@@ -451,7 +455,7 @@ def train(cfg: TrainConfig) -> list[Path]:
             bar.set_postfix(loss=f"{stats[0]['loss']:.3f}", fvu=f"{stats[0]['fvu'].mean():.3f}")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 for run, st, wb in itertools.zip_longest(runs, stats, wandb_runs):
-                    record = log_record(run, st, step, tokens, (tokens - start_tokens) / elapsed)
+                    record = log_record(run, st, step, tokens, (tokens - start_tokens) / elapsed, precision)
                     run.log(record)
                     if wb is not None:
                         wb.log(record, step=step)
@@ -479,13 +483,14 @@ def save_model(sae: MLSAE, folder: Path) -> None:
     tmp.rmdir()
 
 
-def log_record(run: Run, st: dict, step: int, tokens: int, tokens_per_s: float) -> dict:
+def log_record(run: Run, st: dict, step: int, tokens: int, tokens_per_s: float, precision: str) -> dict:
     dead = run.sae.dead_mask(per_layer=True).float().mean(-1)
     record = {
         "step": step,
         "tokens": tokens,
         "tokens_per_s": round(tokens_per_s, 1),
         "lr": run.optimizer.param_groups[0]["lr"],
+        "precision": precision,
         "loss/total": st["loss"],
         "loss/auxk": st["auxk"],
         "train/fvu/avg": st["fvu"].mean().item(),

@@ -36,6 +36,16 @@ def tiny(tmp_path_factory):
     return tmp
 
 
+def spliced_logits(model, ids, layer: int, hidden):
+    """Logits with block ``layer``'s output replaced by ``hidden`` (a hook written here, not the library's)."""
+    block = model.model.layers[layer]
+    handle = block.register_forward_hook(lambda m, a, o: hidden if torch.is_tensor(o) else (hidden, *o[1:]))
+    try:
+        return model(ids).logits
+    finally:
+        handle.remove()
+
+
 def test_metrics_match_an_independent_computation(tiny):
     cfg = EvalConfig(repo_id=str(tiny / "sae"), path=str(tiny / "test.jsonl"), split="test", max_length=32,
                      batch_size=4, max_tokens=1024, downstream_tokens=1024, precision="fp32", device="cpu",
@@ -52,12 +62,7 @@ def test_metrics_match_an_independent_computation(tiny):
             recon, _ = sae(x)
             fvu = (recon - x).pow(2).sum() / (x - x.mean()).pow(2).sum()
             assert results[f"train/fvu/layer_{layer}"] == pytest.approx(fvu.item(), rel=1e-4)
-            block = model.model.layers[layer]
-            handle = block.register_forward_hook(lambda m, a, o: recon if torch.is_tensor(o) else (recon, *o[1:]))
-            try:
-                spliced = model(ids).logits
-            finally:
-                handle.remove()
+            spliced = spliced_logits(model, ids, layer, recon)
             ce = F.cross_entropy(spliced[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             assert results[f"val/loss/delta/layer_{layer}"] == pytest.approx((ce - clean).item(), rel=1e-3, abs=1e-5)
             p, q = out.logits.log_softmax(-1), spliced.log_softmax(-1)
@@ -98,13 +103,7 @@ def test_position_rule_in_metrics(tiny):
             assert results[f"excluded/variance/layer_{layer}"] == pytest.approx(share.item(), rel=1e-4)
             spliced_h = h.clone()
             spliced_h[keep] = recon
-            block = model.model.layers[layer]
-            handle = block.register_forward_hook(lambda m, a, o: spliced_h if torch.is_tensor(o) else (spliced_h, *o[1:]))
-            try:
-                spliced = model(ids).logits
-            finally:
-                handle.remove()
-            ce = F.cross_entropy(spliced[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            ce = F.cross_entropy(spliced_logits(model, ids, layer, spliced_h)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             assert results[f"val/loss/delta/layer_{layer}"] == pytest.approx((ce - clean).item(), rel=1e-3, abs=1e-5)
     everything = evaluate(replace(cfg, skip_special_tokens=False, skip_first=0))
     assert everything["excluded/tokens"] == 0 and everything["excluded/variance/avg"] == 0

@@ -1,7 +1,9 @@
 """Sparse encode/decode and the training loss against naive dense autograd: values and gradients.
 
-Every test that can runs twice: on the native C kernels (mlsae.native) and on the pure PyTorch
-path (native switched off), so both stay exact. fp64 runs the PyTorch path only (the C kernels
+Every test that can runs three times: on the native C kernels (mlsae.native) with fp32 TopKs
+from fp32 products, on the native kernels with fp32 TopKs ranked by a bf16 product and rescored
+(the mixed select, whatever this machine's GEMM rates would choose), and on the pure PyTorch
+path (native switched off), so all stay exact. fp64 runs the PyTorch path only (the C kernels
 take fp32/bf16); fp32 results are compared with an fp64 reference at fp32 tolerances.
 """
 
@@ -18,12 +20,14 @@ from mlsae.kernels import TopK, dense_latents, scatter_rows, sparse_decode, topk
 from mlsae.model import MLSAE, SAEConfig
 
 HAVE_NATIVE = native.lib() is not None
-PATHS = [pytest.param("native", marks=pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")), "torch"]
+native_only = pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+PATHS = [pytest.param("native", marks=native_only), pytest.param("mixed", marks=native_only), "torch"]
 
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """Run the test on the C kernels, then on the pure PyTorch path."""
+    """Run the test on the C kernels (plain fp32 select, then mixed select), then on PyTorch ops."""
+    monkeypatch.setattr(kernels, "mixed_select", lambda device: request.param == "mixed")
     if request.param == "torch":
         monkeypatch.setattr(native, "usable", lambda *tensors: False)
     return request.param
@@ -69,6 +73,9 @@ def test_sparse_matches_dense_values_and_gradients(path, dtype, k):
     x, W_enc, W_dec = params(dtype=dtype)
     rx, rW_enc, rW_dec = (t.detach().double().requires_grad_() for t in (x, W_enc, W_dec))
     target = torch.randn(64, 16, dtype=torch.float64)
+    if dtype == torch.float32:
+        mixed = path == "mixed" and k <= 96 // 8  # (it needs at least 8k latents)
+        assert kernels.encode_path(x, W_enc, k) == ("mixed-select" if mixed else "rows")
     topk, _ = topk_encode(x, W_enc, k)
     sparse = sparse_decode(topk, W_dec)
     dense, _ = naive(rx, rW_enc, rW_dec, k)
@@ -159,6 +166,11 @@ def test_chunks_give_the_same_result(path, monkeypatch):
 def test_tiles_give_the_same_result(path, monkeypatch, bf16):
     """Without AuxK the encoder folds tiles (latent blocks x vector chunks) into running TopKs."""
     x, W_enc, W_dec = params(n=300, d=32, f=1000, seed=9, dtype=torch.float32)
+    mixed = path == "mixed" and not bf16  # the mixed select (fp32 only) tiles too, by its own rules
+
+    def encode_path():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return kernels.encode_path(x, W_enc, 40)
 
     def run():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -168,20 +180,22 @@ def test_tiles_give_the_same_result(path, monkeypatch, bf16):
         return (topk.values.gather(1, order), topk.indices.gather(1, order),
                 *grads(out.pow(2).sum(), x, W_enc, W_dec))
 
+    assert encode_path() == ("mixed-select" if mixed else "rows")
     whole = run()
     monkeypatch.setattr(kernels, "LATENT_BLOCK", 150)  # 7 blocks of 143, the last one of 142
     monkeypatch.setattr(kernels, "TILED_MIN_LATENTS", 300)
     monkeypatch.setattr(kernels, "TILE_BYTES", 64 * 143 * 4)  # 64 vectors per tile, a ragged last one
     monkeypatch.setattr(kernels, "SPAN_ROWS", 110)  # 3 spans of vectors
+    assert encode_path() == ("mixed-select" if mixed else "rows" if path == "torch" else "tiled")
     for a, b in zip(run(), whole):  # sums in another order: fp32 rounding
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
-@pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
+@native_only
 @pytest.mark.parametrize("case", ["random", "ties", "nan"])
 def test_fp32_select_by_bf16_product_is_exact(monkeypatch, case):
     """fp32 encoding ranks latents with a bf16 product and rescores in fp32: same TopK as fp32."""
-    monkeypatch.setattr(native, "fast_bf16", lambda: True)
+    monkeypatch.setattr(kernels, "mixed_select", lambda device: True)
     g = torch.Generator().manual_seed(11)
     x = torch.randn(257, 48, generator=g) * 3
     W = torch.empty(2000, 48)
@@ -197,7 +211,9 @@ def test_fp32_select_by_bf16_product_is_exact(monkeypatch, case):
     torch.testing.assert_close(values.sort(-1).values[ok], ref_values.relu().sort(-1).values[ok], rtol=1e-5, atol=1e-5)
     if case == "random":
         assert torch.equal(indices.sort(-1).values, ref_indices.sort(-1).values)
-    monkeypatch.setattr(kernels, "MIXED_SELECT", False)
+    assert kernels.encode_path(x, W, 16) == "mixed-select"
+    monkeypatch.setattr(kernels, "mixed_select", lambda device: False)
+    assert kernels.encode_path(x, W, 16) == "rows"
     plain, _ = kernels._encode_chunks(x, W, b, 16, 0, None)
     torch.testing.assert_close(values.sort(-1).values[ok], plain.sort(-1).values[ok], rtol=1e-5, atol=1e-5)
 
@@ -262,9 +278,6 @@ def test_deterministic(path):
 
 
 # ----------------------------------------------------------------------------- the native kernels alone
-
-
-native_only = pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
 
 
 @native_only

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from mlsae.tiny import make_tiny
+from mlsae.precision import resolve
 from mlsae.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_train_writes_model_logs_and_learns(setup):
     folder = only_run(out)
     assert {"config.json", "model.safetensors", "metrics.jsonl"} <= {p.name for p in folder.iterdir()}
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == list(range(1, 21))
+    assert [r["step"] for r in lines] == list(range(1, 21)) and lines[0]["precision"] == "fp32"
     assert all(0 < r["train/fvu/avg"] < 1.5 for r in lines)  # learning is tested on the real model
     assert {"train/fvu/layer_0", "train/fvu/layer_2", "train/dead/rel", "loss/auxk"} <= set(lines[0])
     config = json.loads((folder / "config.json").read_text())
@@ -73,9 +74,11 @@ def test_train_writes_model_logs_and_learns(setup):
     assert config["skip_first"] == 1 and config["skip_special_tokens"] and lines[0]["tokens"] <= 128 - 4
     every = setup["tmp"] / "every"
     assert run(args(setup, every, "--skip_first", "0", "--skip_special_tokens", "false",
-                    "--max_tokens", "256")).returncode == 0
+                    "--max_tokens", "256", "--precision", "auto")).returncode == 0
     lines = [json.loads(line) for line in (only_run(every) / "metrics.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in lines] == [128, 256]
+    # Runs record the precision they used: fp32 as asked, or what auto chose on this machine.
+    assert {r["precision"] for r in lines} == {resolve("auto", "cpu")}
 
 
 def test_learning_rate_schedule():

@@ -12,6 +12,7 @@ import torch
 from simple_parsing import ArgumentParser
 
 from mlsae.model import MLSAE, sae_name
+from mlsae.precision import PRECISIONS
 from mlsae.train import pick_device
 from mlsae.transformer import Transformer, transformer_for
 from mlsae.utils import MLSAEError, atomic_write_text
@@ -33,8 +34,8 @@ class DataOptions:
     """Sequences per forward pass."""
     max_tokens: int = 65_536
     """Tokens to read (the positions that the MLSAE's position rule leaves out are then ignored)."""
-    precision: str = "bf16"
-    """Autocast precision of the transformer and the encoder product (bf16 or fp32)."""
+    precision: str = "auto"
+    """Autocast precision of the transformer and the encoder product (auto, bf16 or fp32; mlsae.precision)."""
     device: str = "auto"
     """cpu, cuda, or auto."""
 
@@ -42,8 +43,8 @@ class DataOptions:
         for name in ("max_length", "batch_size", "max_tokens"):
             if getattr(self, name) < 1:
                 raise MLSAEError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.precision not in ("bf16", "fp32"):
-            raise MLSAEError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise MLSAEError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
 
 
 @dataclass

@@ -88,7 +88,7 @@ class PromptOptions:
     model_name: str | None = None
     """Transformer (default: the one named in the MLSAE's config)."""
     precision: str = "fp32"
-    """Autocast precision (bf16 or fp32)."""
+    """Autocast precision (auto, bf16 or fp32; mlsae.precision)."""
     device: str = "auto"
     """cpu, cuda, or auto."""
     out_dir: str | None = None

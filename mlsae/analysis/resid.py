@@ -35,6 +35,7 @@ from mlsae.data import load_chunks
 from mlsae.fetch import DEFAULT_MODEL
 from mlsae.metrics import ExcludedShare
 from mlsae.positions import PositionRule
+from mlsae.precision import autocast as precision_autocast
 from mlsae.train import pick_device
 from mlsae.transformer import Transformer, load_transformer
 from mlsae.utils import atomic_path, run_cli
@@ -133,10 +134,10 @@ def frame(layers: list[int], moments: ResidMoments, centred: CentredCosines) -> 
 
 @torch.no_grad()
 def resid_stats(transformer: Transformer, chunks: Tensor, layers: list[int], batch_size: int = 4,
-                precision: str = "bf16", rule: PositionRule = PositionRule()) -> tuple[pd.DataFrame, int]:
+                precision: str = "auto", rule: PositionRule = PositionRule()) -> tuple[pd.DataFrame, int]:
     """The per-layer table of the module docstring and the token count, from two passes over ``chunks``."""
     device = transformer.device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = precision_autocast(precision, device)
 
     def batches(desc: str):
         for start in tqdm(range(0, len(chunks), batch_size), desc=desc, unit="batch"):

@@ -22,6 +22,7 @@ from mlsae.analysis.common import DataOptions, SAEOptions, load_pair
 from mlsae.data import load_chunks
 from mlsae.kernels import TopK
 from mlsae.model import MLSAE
+from mlsae.precision import autocast as precision_autocast
 from mlsae.transformer import Transformer
 
 
@@ -70,12 +71,12 @@ def prepare(cfg: SAEOptions) -> Pass:
 
 @torch.no_grad()
 def encode_batch(sae: MLSAE, transformer: Transformer, ids: Tensor, layers: Sequence[int],
-                 precision: str = "bf16") -> tuple[Tensor, TopK]:
+                 precision: str = "auto") -> tuple[Tensor, TopK]:
     """``keep [B, P]`` (the MLSAE's position rule) and the TopK latents ``[L, B, P, k]`` of every
     position, zeroed where not kept."""
     device = transformer.device
     ids = ids.to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with precision_autocast(precision, device):
         acts = transformer.residuals(ids, list(layers))
         keep = sae.config.positions.keep(transformer.special_mask(ids), acts)
         topk = sae.encode(acts.float())

@@ -15,6 +15,7 @@ from __future__ import annotations
 from mlsae.book import claims
 from mlsae.book.claims import ratio_verdict
 from mlsae.book.profile import EvalConfig, Profile, load_profile, profile_path, repo_root
+from mlsae.book.perf import recipe_study
 from mlsae.book.results import PAPER, Results, fmt_number, number_tokens
 from mlsae.book.stages import (
     analysis_dir,
@@ -29,6 +30,7 @@ from mlsae.book.stages import (
     read_metrics,
     run_dirs,
     sae_config,
+    sae_positions,
     train_status,
     write_tables,
 )
@@ -71,5 +73,5 @@ def setup(profile: str = "default", *, quiet: bool = True) -> Profile:
 
 __all__ = [
     "PAPER", "EvalConfig", "claims", "analysis_dir", "data_options", "ensure_analysis_pass", "ensure_decoder", "ensure_resid", "Profile", "Results", "ensure_evaluated", "ensure_trained", "eval_path", "fmt_number",
-    "load_profile", "main_run", "ratio_verdict", "number_tokens", "profile_path", "read_metrics", "repo_root", "run_dirs", "sae_config", "setup", "train_status", "write_tables",
+    "load_profile", "main_run", "ratio_verdict", "number_tokens", "profile_path", "read_metrics", "recipe_study", "repo_root", "run_dirs", "sae_config", "sae_positions", "setup", "train_status", "write_tables",
 ]

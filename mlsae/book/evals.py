@@ -8,7 +8,8 @@ from mlsae.analysis.tables import PER_LAYER
 from mlsae.test import COLUMNS
 
 LABELS = {"fvu": "FVU", "mse": "MSE", "l0": "L0", "l1": "L1", "dead": "dead", "delta_ce": "ΔCE", "kl": "KL",
-          "ce_recovered": "CE recovered", "ce_spliced": "CE spliced", "ce_zero": "CE zero-ablated"}
+          "ce_recovered": "CE recovered", "ce_spliced": "CE spliced", "ce_zero": "CE zero-ablated",
+          "excluded_variance": "variance left out"}
 # metric -> (column prefix in mlsae.test's results, label in the book)
 METRICS = {metric: (COLUMNS[metric], label) for metric, label in LABELS.items()}
 
@@ -24,7 +25,26 @@ DEFINITIONS = {
     "KL": "KL(p_clean || p_spliced) of the next-token distributions, nats per token",
     "CE recovered": "(CE zero-ablated - CE spliced) / (CE zero-ablated - CE clean): 1 is a perfect "
                     "reconstruction, 0 no better than replacing the layer's output by zeros",
+    "variance left out": "the share of the layer's variance (over every position) held by the positions "
+                         "that the position rule leaves out",
 }
+
+# The default profile's targets for its main MLSAE: metric -> (results column, bound, "at most"/"at least").
+TARGETS = {
+    "FVU (mean over layers)": ("train/fvu/avg", 0.10, "at most"),
+    "CE recovered (mean over layers)": ("val/loss/recovered/avg", 0.92, "at least"),
+    "dead latents (mean over layers)": ("train/dead/avg", 0.02, "at most"),
+}
+
+
+def target_table(results: dict[str, float]) -> pd.DataFrame:
+    """One row per target: the measured value, the bound and whether it is met."""
+    rows = []
+    for metric, (key, bound, sense) in TARGETS.items():
+        value = results[key]
+        met = value <= bound if sense == "at most" else value >= bound
+        rows.append({"metric": metric, "value": value, "bound": sense, "target": bound, "met": "yes" if met else "no"})
+    return pd.DataFrame(rows).set_index("metric")
 
 
 def per_layer(results: dict[str, float], metrics=tuple(METRICS)) -> pd.DataFrame:

@@ -110,3 +110,20 @@ def recorded_runs(folder: Path, device: str) -> list[tuple[str, dict, pd.DataFra
         if report.get("device") == device and table is not None:
             runs.append((path.name, report, table))
     return sorted(runs, key=lambda run: run[1].get("date", ""))
+
+
+def recipe_study(path: Path | None = None) -> dict | None:
+    """The recorded training-recipe study (``benchmarks/recipes.py``): the machine it ran on, its
+    token budget, and one row per recipe; None where none was recorded."""
+    from mlsae.book.profile import repo_root
+
+    path = path or repo_root() / "benchmarks" / "results" / "recipes.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    records = data["records"]
+    table = pd.DataFrame([{"recipe": r["recipe"], "steps": r["steps"], "FVU": r["fvu"], "CE recovered": r["ce_recovered"],
+                           "ΔCE": r["delta_ce"], "dead": r["dead"]} for r in records]).set_index("recipe")
+    machine = data["machine"]
+    return {"machine": f"{machine['cpu']} ({machine['threads']} threads, torch {machine['torch']})",
+            "tokens": records[0]["tokens"], "table": table}

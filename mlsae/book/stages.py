@@ -28,11 +28,11 @@ from mlsae.book.profile import EvalConfig
 # The modules whose code decides each cached stage's results: a change to any of them recomputes
 # the stage (training is keyed on its options only: delete runs/<profile> to retrain after
 # changing the training code).
-EVAL_CODE = ("mlsae.test", "mlsae.metrics", "mlsae.model", "mlsae.kernels", "mlsae.transformer", "mlsae.data")
-PASS_CODE = ("mlsae.analysis.run", "mlsae.analysis.stream", "mlsae.analysis.dists", "mlsae.analysis.variances",
+EVAL_CODE = ("mlsae.test", "mlsae.metrics", "mlsae.positions", "mlsae.model", "mlsae.kernels", "mlsae.transformer", "mlsae.data")
+PASS_CODE = ("mlsae.analysis.run", "mlsae.analysis.stream", "mlsae.positions", "mlsae.analysis.dists", "mlsae.analysis.variances",
              "mlsae.analysis.examples", "mlsae.analysis.common", "mlsae.model", "mlsae.kernels", "mlsae.transformer",
              "mlsae.data")
-RESID_CODE = ("mlsae.analysis.resid", "mlsae.analysis.common", "mlsae.transformer", "mlsae.data")
+RESID_CODE = ("mlsae.analysis.resid", "mlsae.analysis.common", "mlsae.positions", "mlsae.metrics", "mlsae.transformer", "mlsae.data")
 DECODER_CODE = ("mlsae.analysis.decoder", "mlsae.analysis.dists", "mlsae.model", "mlsae.transformer")
 
 
@@ -158,6 +158,13 @@ def main_run(cfg: TrainConfig, analysis: dict | None = None) -> Path:
 def sae_config(run_dir: str | Path) -> dict:
     """A trained SAE's ``config.json`` as a dict."""
     return json.loads((Path(run_dir) / "config.json").read_text())
+
+
+def sae_positions(run_dir: str | Path) -> str:
+    """The position rule a trained SAE records, in words (``mlsae.positions``)."""
+    from mlsae.model import MLSAE
+
+    return MLSAE.from_pretrained(run_dir).config.positions.describe()
 
 
 def _fresh(path: Path, config: dict, weights: Path) -> dict | None:

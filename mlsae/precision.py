@@ -1,0 +1,141 @@
+"""The encoder product's precision, chosen per machine by measuring rather than assuming.
+
+Whether bf16 pays depends on the CPU, and its vendor or feature flags do not say by how much
+(PyTorch's bf16 kernels emulate what a chip lacks): on an AMD EPYC (2 cores) bf16 GEMMs run 2.6x
+faster than fp32; on an Intel Xeon without AMX bf16 (130-150 GFLOP/s) is slower than fp32
+(200-250 GFLOP/s); on a Xeon with AMX it is 4x faster or more. So ``gemm_rates`` times one
+encoder-shaped product in each precision (well under a second), once per machine (CPU model,
+cores, torch threads, torch version: what the rates depend on), and
+caches the result as JSON in ``cache_dir()/machine``. ``precision="auto"`` takes bf16 where it
+is clearly faster, and mlsae.kernels uses the same rates to decide whether fp32 encoding ranks
+latents by a bf16 product. On CUDA auto is bf16 (tensor cores) without measuring. Delete the
+cache file to re-measure (e.g. if it was measured under heavy load).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from mlsae.utils import MLSAEError, atomic_write_text, cache_dir
+
+PRECISIONS = ("fp32", "bf16")
+AUTO_BF16_SPEEDUP = 1.2  # auto takes bf16 only when at least this much faster: it also costs accuracy
+SHAPE = (512, 576, 4608)  # vectors x d x latents: one tile of the encoder product (2.7 GFLOP)
+REPEATS = 5  # timed products per precision, after a warm-up; the fastest counts (noise only slows)
+
+_rates: dict[Path, dict] = {}  # per cache file: this process measures or reads once
+
+
+def resolve(precision: str, device: torch.device | str) -> str:
+    """``"fp32"`` or ``"bf16"``: the choice itself, or for ``"auto"`` the faster one on ``device``
+    (bf16 on CUDA; on a CPU bf16 only if measured ``AUTO_BF16_SPEEDUP`` times faster; else fp32)."""
+    if precision in PRECISIONS:
+        return precision
+    if precision != "auto":
+        raise MLSAEError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16"
+    if device.type != "cpu":
+        return "fp32"
+    return "bf16" if bf16_speedup(device) >= AUTO_BF16_SPEEDUP else "fp32"
+
+
+def autocast(precision: str, device: torch.device | str) -> torch.autocast:
+    """bf16 autocast on ``device`` when ``precision`` resolves to bf16, else a disabled autocast."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve(precision, device) == "bf16")
+
+
+def bf16_speedup(device: torch.device | str) -> float:
+    """How many times faster a bf16 encoder product is than an fp32 one on ``device`` (measured)."""
+    rates = gemm_rates(device)
+    return rates["bf16"] / rates["fp32"]
+
+
+def gemm_rates(device: torch.device | str = "cpu") -> dict:
+    """GFLOP/s of an encoder-shaped product in fp32 and bf16 on ``device``, with the machine facts.
+
+    ``{"fp32": ..., "bf16": ..., "device": "cpu", "cpu": model, "nproc": ..., "threads": ...,
+    "torch": ..., "shape": [n, d, latents], "measured": date}``; measured once per machine and cached (a
+    cache file that cannot be read or does not match is measured again).
+    """
+    device = torch.device(device)
+    facts = machine(device)
+    path = cache_dir() / "machine" / f"{_slug(facts)}.json"
+    rates = _rates.get(path)
+    if rates is None:
+        rates = _load(path, facts)
+        if rates is None:
+            rates = {**facts, **_measure(device), "measured": datetime.datetime.now().isoformat(timespec="seconds")}
+            atomic_write_text(path, json.dumps(rates, indent=2) + "\n")
+        _rates[path] = rates
+    return rates
+
+
+def machine(device: torch.device) -> dict:
+    """What GEMM rates depend on: the processor (CPU model, cores, torch threads, or the GPU) and torch."""
+    if device.type == "cuda":
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                "shape": list(SHAPE)}
+    return {"device": device.type, "cpu": cpu_model(), "nproc": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "shape": list(SHAPE)}
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else platform's)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _slug(facts: dict) -> str:
+    name = "-".join(str(v) for k, v in facts.items() if k != "shape")
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
+
+
+def _load(path: Path, facts: dict) -> dict | None:
+    """The cached rates, or None if missing, corrupt or made for other facts."""
+    try:
+        rates = json.loads(path.read_text())
+        ok = all(rates[k] == v for k, v in facts.items()) and all(
+            isinstance(rates[p], float) and rates[p] > 0 for p in PRECISIONS)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rates if ok else None
+
+
+@torch.no_grad()
+def _measure(device: torch.device) -> dict[str, float]:
+    """Rates from the fastest of REPEATS products per precision, the two interleaved so that a
+    background load slows both alike (their ratio is what decisions use)."""
+    n, d, f = SHAPE
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, d, generator=g, device=device)
+    W = torch.randn(f, d, generator=g, device=device)
+    dtypes = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16)))
+    operands = {p: (x.to(t), W.to(t).T, torch.empty(n, f, dtype=t, device=device)) for p, t in dtypes.items()}
+    seconds: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    with torch.autocast(device.type, enabled=False):
+        for _ in range(1 + REPEATS):  # the first round warms up (threads, kernel selection, pages)
+            for p, (a, b, out) in operands.items():
+                start = time.perf_counter()
+                torch.mm(a, b, out=out)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds[p].append(time.perf_counter() - start)
+    return {p: 2 * n * d * f / min(s[1:]) / 1e9 for p, s in seconds.items()}
