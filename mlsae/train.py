@@ -2,9 +2,10 @@
 
 Per optimizer step: ``tokens_per_step`` tokens are run through the transformer in micro-batches
 of ``batch_size`` sequences (stopping after the deepest layer needed, no LM head); the residual
-vectors of every layer (less the positions that ``mlsae.positions`` leaves out) train every MLSAE of the sweep, each
-with its own Adam. Checkpoints hold everything needed for an exact resume (weights, optimizer,
-dead-latent counters, data position, RNG), are written atomically and in safetensors only.
+vectors of every layer (less the positions that ``mlsae.positions`` leaves out) train every MLSAE
+of the sweep, each with its own Adam (and the same learning-rate schedule). Checkpoints hold
+everything needed for an exact resume (weights, optimizer, dead-latent counters, data position,
+RNG), are written atomically and in safetensors only.
 With ``torchrun`` each rank reads its own shard of each global batch; DDP averages the gradients.
 """
 
@@ -62,11 +63,11 @@ class TrainConfig:
     """A latent is dead after this many tokens without firing."""
     dead_threshold: float = SAEConfig.dead_threshold
     """Activation above which a latent has fired."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak Adam learning rate (betas (0.9, 0.999), eps 6.25e-10; the paper used 1e-4 for 1B tokens)."""
-    warmup_steps: int = 0
+    warmup_steps: int = 64
     """Steps of linear learning-rate warm-up from 0 to lr."""
-    lr_schedule: str = flag(default="constant", choices=["constant", "linear", "cosine"])
+    lr_schedule: str = flag(default="linear", choices=["constant", "linear", "cosine"])
     """After the warm-up: constant, or a linear or cosine decay to 0 at the last step."""
     standardize: bool = SAEConfig.standardize
     """Standardize each residual vector over its features."""
@@ -80,11 +81,11 @@ class TrainConfig:
     """Training data: a .jsonl[.zst] file, a folder of splits, 'brown', or a hub dataset id."""
     max_length: int = 256
     """Tokens per sequence."""
-    batch_size: int = 4
+    batch_size: int = 1
     """Sequences per transformer forward (micro-batch)."""
-    tokens_per_step: int = 4096
+    tokens_per_step: int = 256
     """Tokens per optimizer step (gradient accumulation over micro-batches)."""
-    max_tokens: int = 262_144
+    max_tokens: int = 393_216
     """Training tokens in total."""
     layers: list[int] | None = flag(default=None, nargs="*")
     """Transformer layers to read (default: all); one layer trains a per-layer SAE."""
@@ -97,9 +98,9 @@ class TrainConfig:
     faster on this machine, measured once (mlsae.precision)."""
     device: str = "auto"
     """cpu, cuda, or auto."""
-    log_every: int = 10
+    log_every: int = 16
     """Steps between metrics lines in metrics.jsonl."""
-    checkpoint_every: int = 50
+    checkpoint_every: int = 128
     """Steps between checkpoints."""
     resume: bool = False
     """Continue from the checkpoint in out_dir (which must come from the same options)."""

@@ -87,9 +87,12 @@ def test_learning_rate_schedule():
     lrs = [cfg.lr_at(s) for s in range(cfg.steps)]
     assert lrs[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
     assert lrs[5:] == pytest.approx([1e-3 * (1 - i / 6) for i in range(1, 6)])
-    cosine = TrainConfig(tokens_per_step=256, max_length=64, batch_size=4, max_tokens=2560, lr_schedule="cosine")
+    cosine = TrainConfig(tokens_per_step=256, max_length=64, batch_size=4, max_tokens=2560, lr=1e-3, warmup_steps=0,
+                         lr_schedule="cosine")
     assert cosine.lr_at(0) == pytest.approx(1e-3) and cosine.lr_at(5) == pytest.approx(5e-4)
-    assert TrainConfig(tokens_per_step=256, max_length=64, batch_size=4).lr_at(7) == pytest.approx(1e-3)
+    constant = TrainConfig(tokens_per_step=256, max_length=64, batch_size=4, lr=1e-3, warmup_steps=0,
+                           lr_schedule="constant")
+    assert constant.lr_at(7) == pytest.approx(1e-3)
 
 
 def test_kill_and_resume_equals_uninterrupted(setup):

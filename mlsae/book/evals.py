@@ -113,3 +113,49 @@ def trend_lines(R, by_run: dict[tuple[int, int], dict[str, float]], metrics=("fv
     if not lines:
         lines.append("- The sweep has a single MLSAE, so it cannot show how the metrics change with size or k.")
     return lines
+
+
+# What makes two training runs the same recipe (all but the token budget and where they write).
+RECIPE_KEYS = ("model_name", "path", "max_length", "tokens_per_step", "lr", "warmup_steps", "lr_schedule", "auxk",
+               "auxk_coef", "dead_tokens_threshold", "dead_threshold", "standardize", "skip_special_tokens",
+               "skip_first", "max_norm_ratio", "seed", "precision")
+
+
+def same_recipe(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in RECIPE_KEYS)
+
+
+def budget_curve(points: pd.DataFrame) -> pd.DataFrame:
+    """For each target, a power law ``gap = c * tokens^slope`` fitted (least squares in log-log) to
+    the points (``tokens`` and the results columns of TARGETS), where the gap to perfection is FVU,
+    1 - CE recovered or the dead fraction, and the token budget at which it reaches the target
+    (NaN with fewer than two budgets or no decrease)."""
+    import numpy as np
+
+    rows = []
+    for metric, (key, bound, sense) in TARGETS.items():
+        flip = sense == "at least"  # CE recovered: its gap to 1 falls
+        gap = (1 - points[key]) if flip else points[key]
+        ok = (gap > 0) & (points["tokens"] > 0)
+        needed, slope = float("nan"), float("nan")
+        if points.loc[ok, "tokens"].nunique() >= 2:
+            slope, intercept = np.polyfit(np.log(points.loc[ok, "tokens"]), np.log(gap[ok]), 1)
+            goal = (1 - bound) if flip else bound
+            if slope < 0:
+                needed = float(np.exp((np.log(goal) - intercept) / slope))
+        rows.append({"metric": metric, "slope": slope, "tokens to reach the target": needed})
+    return pd.DataFrame(rows).set_index("metric")
+
+
+def budget_points(study: dict | None, cfg, results: dict[str, float]) -> pd.DataFrame:
+    """The target metrics against training tokens for ``cfg``'s recipe: the recipe study's runs of
+    that recipe (``mlsae.book.perf.recipe_study``) and this build's main MLSAE (``results``)."""
+    from dataclasses import asdict
+
+    from mlsae.book.perf import recipe_points
+
+    keys = [key for key, _, _ in TARGETS.values()]
+    points = recipe_points(study["records"], asdict(cfg)) if study else pd.DataFrame(columns=["tokens", *keys, "source"])
+    this = pd.DataFrame([{"tokens": cfg.max_tokens, **{k: results[k] for k in keys}, "source": "this build"}])
+    points = points[points["tokens"] != cfg.max_tokens]  # this build's run stands for its budget
+    return pd.concat([points, this], ignore_index=True).sort_values("tokens", ignore_index=True)

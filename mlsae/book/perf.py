@@ -112,9 +112,11 @@ def recorded_runs(folder: Path, device: str) -> list[tuple[str, dict, pd.DataFra
     return sorted(runs, key=lambda run: run[1].get("date", ""))
 
 
-def recipe_study(path: Path | None = None) -> dict | None:
+def recipe_study(config: dict | None = None, path: Path | None = None) -> dict | None:
     """The recorded training-recipe study (``benchmarks/recipes.py``): the machine it ran on, its
-    token budget, and one row per recipe; None where none was recorded."""
+    token budget, and one row per recipe at that budget (marking the recipe of ``config``, a
+    TrainConfig as a dict); None where none was recorded."""
+    from mlsae.book.evals import same_recipe
     from mlsae.book.profile import repo_root
 
     path = path or repo_root() / "benchmarks" / "results" / "recipes.json"
@@ -122,8 +124,21 @@ def recipe_study(path: Path | None = None) -> dict | None:
         return None
     data = json.loads(path.read_text())
     records = data["records"]
+    first = [r for r in records if r["tokens"] == records[0]["tokens"]]  # the comparison at one budget
     table = pd.DataFrame([{"recipe": r["recipe"], "steps": r["steps"], "FVU": r["fvu"], "CE recovered": r["ce_recovered"],
-                           "ΔCE": r["delta_ce"], "dead": r["dead"]} for r in records]).set_index("recipe")
+                           "ΔCE": r["delta_ce"], "dead": r["dead"],
+                           "used here": "yes" if config and same_recipe(r["config"], config) else ""}
+                          for r in first]).set_index("recipe")
     machine = data["machine"]
     return {"machine": f"{machine['cpu']} ({machine['threads']} threads, torch {machine['torch']})",
-            "tokens": records[0]["tokens"], "table": table}
+            "tokens": records[0]["tokens"], "table": table, "records": records}
+
+
+def recipe_points(records: list[dict], config: dict) -> pd.DataFrame:
+    """The study's results for the recipe of ``config`` (a TrainConfig as a dict), one row per token
+    budget, with the evaluation's column names (``mlsae.test``)."""
+    from mlsae.book.evals import same_recipe
+
+    rows = [{"tokens": r["tokens"], "train/fvu/avg": r["fvu"], "val/loss/recovered/avg": r["ce_recovered"],
+             "train/dead/avg": r["dead"], "source": "recipe study"} for r in records if same_recipe(r["config"], config)]
+    return pd.DataFrame(rows, columns=["tokens", "train/fvu/avg", "val/loss/recovered/avg", "train/dead/avg", "source"])
