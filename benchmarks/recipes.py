@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -58,7 +59,7 @@ def base_configs(profile: Path) -> tuple[TrainConfig, EvalConfig]:
 
 def run_recipe(name: str, overrides: dict, base: TrainConfig, eval_base: EvalConfig, runs: Path,
                max_tokens: int) -> dict:
-    out = runs / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("+", "plus")
+    out = runs / re.sub(r"[^A-Za-z0-9.]+", "-", name.replace("+", "plus")).strip("-")  # one folder per recipe
     cfg = replace(base, **overrides, max_tokens=max_tokens, out_dir=str(out), log_every=8, checkpoint_every=32)
     started = time.perf_counter()
     folders = sorted(out.glob("mlsae-*/model.safetensors"))
