@@ -126,7 +126,7 @@ def recipe_study(config: dict | None = None, path: Path | None = None) -> dict |
     records = data["records"]
     first = [r for r in records if r["tokens"] == records[0]["tokens"]]  # the comparison at one budget
     table = pd.DataFrame([{"recipe": r["recipe"], "steps": r["steps"], "FVU": r["fvu"], "CE recovered": r["ce_recovered"],
-                           "ΔCE": r["delta_ce"], "dead": r["dead"],
+                           "ΔCE": r["delta_ce"], "dead": r["dead_overall"], "silent at a layer": r["dead"],
                            "used here": "yes" if config and same_recipe(r["config"], config) else ""}
                           for r in first]).set_index("recipe")
     machine = data["machine"]
@@ -140,5 +140,6 @@ def recipe_points(records: list[dict], config: dict) -> pd.DataFrame:
     from mlsae.book.evals import same_recipe
 
     rows = [{"tokens": r["tokens"], "train/fvu/avg": r["fvu"], "val/loss/recovered/avg": r["ce_recovered"],
-             "train/dead/avg": r["dead"], "source": "recipe study"} for r in records if same_recipe(r["config"], config)]
-    return pd.DataFrame(rows, columns=["tokens", "train/fvu/avg", "val/loss/recovered/avg", "train/dead/avg", "source"])
+             "train/dead/rel": r["dead_overall"], "source": "recipe study"}
+            for r in records if same_recipe(r["config"], config)]
+    return pd.DataFrame(rows, columns=["tokens", "train/fvu/avg", "val/loss/recovered/avg", "train/dead/rel", "source"])
