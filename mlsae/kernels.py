@@ -63,13 +63,6 @@ def gemm_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def pre_activations(x: Tensor, W_enc: Tensor) -> Tensor:
-    """Dense encoder product ``x @ W_enc.T`` in the autocast dtype (no autograd; analysis only)."""
-    dtype = gemm_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
-        return x.to(dtype) @ W_enc.to(dtype).T
-
-
 # ----------------------------------------------------------------------------- building blocks
 
 

@@ -311,12 +311,12 @@ def _resolve(model_id: str, hub_kwargs: dict) -> Path:
     return Path(config).parent
 
 
-def sae_name(repo_id: str) -> str:
+def sae_name(sae: str) -> str:
     """``runs/default/mlsae-x-x8-k32/`` and ``owner/mlsae-x-x8-k32`` are both ``mlsae-x-x8-k32``."""
-    return Path(str(repo_id).rstrip("/")).name
+    return Path(str(sae).rstrip("/")).name
 
 
-def repo_id(model_name: str, expansion_factor: int, k: int, *, tfm: bool = False, owner: str | None = None) -> str:
+def mlsae_name(model_name: str, expansion_factor: int, k: int, *, tfm: bool = False, owner: str | None = None) -> str:
     """Hub repo id in the reference's naming: ``[owner/]mlsae-{model}-x{ef}-k{k}[-tfm]``."""
     name = f"mlsae-{model_name.rstrip('/').split('/')[-1]}-x{expansion_factor}-k{k}" + ("-tfm" if tfm else "")
     return f"{owner}/{name}" if owner else name

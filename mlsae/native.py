@@ -41,7 +41,6 @@ SIGNATURES = {
     "mlsae_scaled_error": ([_P, _P, _P, _P, _P, _I64, _I64, _P, _P, _P, _INT], None),
     "mlsae_scaled_error_backward": ([_P, _P, _I64, _I64, _P, _P, _P, _INT], None),
     "mlsae_gather_dot": ([_P, _P, _P, _I64, _I64, _I64, _P, _INT], None),
-    "mlsae_gather_sum": ([_P, _P, _P, _I64, _I64, _I64, _P, _INT], None),
 }
 
 
@@ -264,14 +263,6 @@ def gather_dot(indices: Tensor, W: Tensor, G: Tensor) -> Tensor:
     n, k = indices.shape
     out = torch.empty(n, k, dtype=torch.float32)
     lib().mlsae_gather_dot(_ptr(indices), _ptr(W), _ptr(G), n, k, W.shape[1], _ptr(out), _threads())
-    return out
-
-
-def gather_sum(values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
-    """``out[i] = sum_j values[i, j] * W[indices[i, j]]``."""
-    n, k = indices.shape
-    out = torch.empty(n, W.shape[1], dtype=torch.float32)
-    lib().mlsae_gather_sum(_ptr(values), _ptr(indices), _ptr(W), n, k, W.shape[1], _ptr(out), _threads())
     return out
 
 

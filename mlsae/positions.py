@@ -23,12 +23,17 @@ reconstruction is spliced into the model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from mlsae.utils import MLSAEError
+
+if TYPE_CHECKING:
+    from mlsae.transformer import Transformer
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,31 @@ class PositionRule:
             return torch.zeros_like(keep)
         medians = torch.stack([layer[keep].median() for layer in norms])  # [L]
         return (norms > self.max_norm_ratio * medians[:, None, None]).any(0)
+
+
+@dataclass
+class Residuals:
+    """One batch's residual vectors and the positions an MLSAE's rule keeps."""
+
+    acts: Tensor  # [L, B, P, d] every position, in the transformer's dtype
+    keep: Tensor  # [B, P] bool
+    logits: Tensor | None = None  # [B, P, V] clean logits, when asked for
+
+    @property
+    def kept(self) -> Tensor:
+        """``[L, N, d]`` float32: the kept positions, the MLSAE's input."""
+        return self.acts[:, self.keep].float()
+
+
+def read_residuals(transformer: Transformer, ids: Tensor, layers: Sequence[int], rule: PositionRule, *,
+                   logits: bool = False) -> Residuals:
+    """The residuals of ``layers`` at every position of ``ids [B, P]`` and which ones ``rule`` keeps:
+    the one way training, evaluation, the analyses and the explorer read an MLSAE's data."""
+    if logits:
+        acts, out = transformer.run_with_residuals(ids, list(layers))
+    else:
+        acts, out = transformer.residuals(ids, list(layers)), None
+    return Residuals(acts, rule.keep(transformer.special_mask(ids), acts), out)
 
 
 def rule_of(config) -> PositionRule:

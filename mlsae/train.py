@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from mlsae import native
 from mlsae.data import ChunkLoader, load_chunks
 from mlsae.fetch import DEFAULT_MODEL
-from mlsae.model import MLSAE, SAEConfig, repo_id
-from mlsae.positions import PositionRule, rule_of
+from mlsae.model import MLSAE, SAEConfig, mlsae_name
+from mlsae.positions import PositionRule, read_residuals, rule_of
 from mlsae.precision import autocast as precision_autocast
 from mlsae.precision import resolve as resolve_precision
 from mlsae.transformer import Transformer, load_transformer
@@ -230,7 +230,7 @@ def make_runs(cfg: TrainConfig, d_model: int, layers: list[int], device: torch.d
         sae = MLSAE(sae_cfg).to(device).train()
         # fused: one pass over each parameter instead of ~10 (5x faster on a CPU; one kernel on a GPU)
         optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10, fused=True)
-        name = repo_id(cfg.model_name, ef, k)
+        name = mlsae_name(cfg.model_name, ef, k)
         runs.append(Run(name, sae, optimizer, out / name))
     return runs
 
@@ -319,12 +319,6 @@ def truncate_log(path: Path, step: int) -> None:
 # ----------------------------------------------------------------------------- the step
 
 
-def residual_batch(transformer: Transformer, ids: torch.Tensor, layers: list[int], rule: PositionRule) -> torch.Tensor:
-    """Residual vectors ``[L, N, d]`` (fp32) of the positions of ``ids`` that ``rule`` keeps."""
-    acts = transformer.residuals(ids, layers)
-    return acts[:, rule.keep(transformer.special_mask(ids), acts)].float()
-
-
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     """In-place sum (or ``op``) over ranks; CPU tensors take a round trip to the GPU under NCCL."""
     if not dist.is_initialized():
@@ -350,7 +344,7 @@ def train_step(
     n_tokens = torch.zeros((), dtype=torch.long)
     for i, ids in enumerate(batches):
         with torch.no_grad(), autocast:
-            x = residual_batch(transformer, ids, layers, cfg.positions)
+            x = read_residuals(transformer, ids, layers, cfg.positions).kept
         n_tokens += x.shape[1]
         for run, sc, fvu, fi in zip(runs, scalars, fvus, fired):
             with autocast:
@@ -381,7 +375,7 @@ def init_pre_bias(runs: list[Run], transformer: Transformer, micro: list[torch.T
                   layers: list[int], autocast: contextlib.AbstractContextManager) -> None:
     """Initialise every run's pre-encoder bias from the whole first step (all micro-batches, all ranks)."""
     with torch.no_grad(), autocast:
-        x = torch.cat([residual_batch(transformer, ids, layers, cfg.positions) for ids in micro], dim=1)
+        x = torch.cat([read_residuals(transformer, ids, layers, cfg.positions).kept for ids in micro], dim=1)
     x = all_gather_cat(x)
     for run in runs:
         run.sae.init_pre_bias(x)
@@ -515,8 +509,8 @@ def start_wandb(cfg: TrainConfig, runs: list[Run]) -> list:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_config_path_arg=True)
-    parser.add_arguments(TrainConfig, dest="cfg")
-    return parser.parse_args(argv).cfg
+    parser.add_arguments(TrainConfig, dest="train")  # a --config_path file's section is `train:`
+    return parser.parse_args(argv).train
 
 
 def main(argv: list[str] | None = None) -> None:

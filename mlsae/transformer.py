@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
+from mlsae import fetch
 from mlsae.utils import MLSAEError
 
 if TYPE_CHECKING:
@@ -54,17 +55,6 @@ def _first_line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
-def _embedded(name: str) -> Path | None:
-    """The locally fetched directory of the embedded default model, if ``name`` is it."""
-    try:
-        from mlsae.fetch import embedded_model_dir
-    except ModuleNotFoundError as e:  # a checkout without the fetch module: nothing is embedded
-        if e.name != "mlsae.fetch":
-            raise
-        return None
-    return embedded_model_dir(name)
-
-
 def _looks_like_path(name: str) -> bool:
     """A hub id is ``owner/name`` (or a bare name); anything else path-like is meant as a path."""
     if name.startswith(("/", ".", "~")) or "\\" in name:
@@ -80,7 +70,7 @@ def _gguf_source(path: Path, name: str) -> tuple[str, dict]:
 
 def _local_source(name: str) -> tuple[str, dict] | None:
     """(directory, extra from_pretrained kwargs) for a local model, None for a hub id."""
-    embedded = _embedded(name)
+    embedded = fetch.embedded_model_dir(name)
     if embedded is not None:
         embedded = Path(embedded)
         if embedded.suffix.lower() == ".gguf":
@@ -176,15 +166,14 @@ def _load_from_hub(name: str, dtype: torch.dtype, trust_remote_code: bool):
         return _from_pretrained(name, dtype, trust_remote_code, local_files_only=True)
     except _LOAD_ERRORS:
         pass
+    hint = f"; the embedded copy is {fetch.DEFAULT_MODEL!r}" if name.lower() == fetch.HUB_ID.lower() else ""
     if _hub_offline():
-        raise MLSAEError(
-            f"cannot load model {name!r}: not a local path, not in the Hugging Face cache, and offline mode is on"
-        )
+        raise MLSAEError(f"cannot load model {name!r}: not a local path, not in the Hugging Face cache, "
+                         f"and offline mode is on{hint}")
     reason = _hub_unreachable_reason()
     if reason is not None:
-        raise MLSAEError(
-            f"cannot load model {name!r}: not a local path and the Hugging Face Hub is unreachable ({reason})"
-        )
+        raise MLSAEError(f"cannot load model {name!r}: not a local path and the Hugging Face Hub is "
+                         f"unreachable ({reason}){hint}")
     try:
         return _from_pretrained(name, dtype, trust_remote_code)
     except _LOAD_ERRORS as e:

@@ -45,6 +45,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def sae_option():
+    """The dataclass field naming an MLSAE, shared by every CLI: ``--sae`` (or the reference's ``--repo_id``)."""
+    from simple_parsing import field
+
+    return field(alias=["--repo_id"], help="The MLSAE: a folder written by mlsae.train, or a hub repo id "
+                                           "(this project's or the reference's).")
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run a CLI entry point: user errors become one clear line on stderr and exit status 2."""
     try:

@@ -472,19 +472,19 @@ def test_resid_decoder_prompt_clis(tiny, cache, capsys):
     resid.main(["--model_name", json.loads((tiny / "mlsae-tiny-x1-k6" / "config.json").read_text())["model_name"],
                 *data, "--out_dir", str(out)])
     assert len(pd.read_csv(out / "resid.csv")) == 3
-    opts = RunOptions(repo_id=sae_dir, data=DataOptions(path=str(tiny / "test.jsonl"), max_length=16, max_tokens=64),
+    opts = RunOptions(sae=sae_dir, data=DataOptions(path=str(tiny / "test.jsonl"), max_length=16, max_tokens=64),
                       out_dir=str(out), analyses=["dists"])
     run(opts)
     saved = json.loads((out / "run.json").read_text())
     assert saved["config"] == json.loads(json.dumps(asdict(opts)))  # options only: callers compare them
     assert saved["pass"]["seconds"] >= saved["pass"]["seconds_model"] >= 0 and saved["pass"]["tokens"] > 0
-    decoder.main(["--repo_id", sae_dir, "--out_dir", str(out), "--chunk", "7"])
+    decoder.main(["--sae", sae_dir, "--out_dir", str(out), "--chunk", "7"])
     per_latent = pd.read_csv(out / "decoder.csv")
     summary = json.loads((out / "decoder.json").read_text())
     assert summary["mmcs"] == pytest.approx(per_latent["max_cos"].mean(), rel=1e-5)
     assert {"embed_in_cos", "embed_out_token", "layer_mean"} <= set(per_latent.columns)
     assert pd.read_csv(out / "decoder_pairs_hist.csv")["pairs"].sum() == summary["pairs"]
-    prompt.main(["--repo_id", sae_dir, "--out_dir", str(out), "--prompt", "The cat sat on the mat."])
+    prompt.main(["--sae", sae_dir, "--out_dir", str(out), "--prompt", "The cat sat on the mat."])
     heat = pd.read_csv(out / "prompt.csv")
     assert heat.groupby("latent")["prob"].sum().round(5).eq(1).all()
     centres = heat.drop_duplicates("latent")["centre"].to_numpy()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from mlsae.data import load_chunks
 from mlsae.model import MLSAE, SAEConfig
-from mlsae.test import EvalConfig, evaluate
+from mlsae.evaluate import EvalConfig, evaluate
 from mlsae.tiny import make_tiny
 from mlsae.transformer import load_transformer
 
@@ -47,7 +47,7 @@ def spliced_logits(model, ids, layer: int, hidden):
 
 
 def test_metrics_match_an_independent_computation(tiny):
-    cfg = EvalConfig(repo_id=str(tiny / "sae"), path=str(tiny / "test.jsonl"), split="test", max_length=32,
+    cfg = EvalConfig(sae=str(tiny / "sae"), path=str(tiny / "test.jsonl"), split="test", max_length=32,
                      batch_size=4, max_tokens=1024, downstream_tokens=1024, precision="fp32", device="cpu",
                      skip_special_tokens=False, skip_first=0)
     results = evaluate(cfg)
@@ -77,7 +77,7 @@ def test_metrics_match_an_independent_computation(tiny):
 def test_position_rule_in_metrics(tiny):
     """The MLSAE's own rule (special tokens and position 0 out): metrics over the kept positions,
     the share left out, and splicing that leaves the left-out positions as they were."""
-    cfg = EvalConfig(repo_id=str(tiny / "sae"), path=str(tiny / "test.jsonl"), split="test", max_length=32,
+    cfg = EvalConfig(sae=str(tiny / "sae"), path=str(tiny / "test.jsonl"), split="test", max_length=32,
                      batch_size=4, max_tokens=512, downstream_tokens=512, precision="fp32", device="cpu")
     results = evaluate(cfg)
     model, tokenizer = load_transformer(str(tiny / "tiny"))
@@ -125,7 +125,7 @@ def test_bos_model_chunks_and_metrics(tmp_path):
     torch.manual_seed(0)
     sae = MLSAE(SAEConfig(n_inputs=64, n_latents=128, k=8, n_layers=2, model_name=str(model_dir), skip_first=0))
     sae.save_pretrained(tmp_path / "sae")
-    cfg = EvalConfig(repo_id=str(tmp_path / "sae"), path=str(tmp_path / "test.jsonl"), max_length=32,
+    cfg = EvalConfig(sae=str(tmp_path / "sae"), path=str(tmp_path / "test.jsonl"), max_length=32,
                      batch_size=4, max_tokens=512, downstream_tokens=128, precision="fp32", device="cpu")
     results = evaluate(cfg)
     special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
@@ -141,7 +141,7 @@ def test_bos_model_chunks_and_metrics(tmp_path):
 def test_cli_writes_csv_and_json(tiny):
     out = tiny / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "mlsae.test", "--repo_id", str(tiny / "sae"), "--path", str(tiny / "test.jsonl"),
+        [sys.executable, "-m", "mlsae.evaluate", "--repo_id", str(tiny / "sae"), "--path", str(tiny / "test.jsonl"),
          "--max_length", "32", "--max_tokens", "512", "--downstream_tokens", "128", "--out_dir", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -149,7 +149,7 @@ def test_cli_writes_csv_and_json(tiny):
     assert len(row) == 1 and "val/loss/delta/avg" in row
     assert json.loads((out / "test_sae.json").read_text())["results"]["train/fvu/avg"] == pytest.approx(
         row["train/fvu/avg"][0])
-    bad = subprocess.run([sys.executable, "-m", "mlsae.test", "--repo_id", str(tiny / "missing")],
+    bad = subprocess.run([sys.executable, "-m", "mlsae.evaluate", "--repo_id", str(tiny / "missing")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "cannot load MLSAE" in bad.stderr
 
@@ -170,7 +170,7 @@ def test_default_model_trains_and_evaluates(tmp_path):
     first, last = log[0]["train/fvu/avg"], sum(r["train/fvu/avg"] for r in log[-3:]) / 3
     assert last < 0.6 * first and last < 0.3, (first, last)
     test = subprocess.run(
-        [sys.executable, "-m", "mlsae.test", "--repo_id", str(folder), "--max_length", "128",
+        [sys.executable, "-m", "mlsae.evaluate", "--repo_id", str(folder), "--max_length", "128",
          "--max_tokens", "4096", "--downstream_tokens", "256", "--out_dir", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)
     assert test.returncode == 0, test.stderr[-2000:]

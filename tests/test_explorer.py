@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mlsae.explorer import (
+from mlsae.explorer.core import (
     Explorer,
     ExplorerInputError,
     find_default_sae,
@@ -281,7 +281,7 @@ def _examples_table(tf, latent: int, layer: int) -> pa.Table:
 def test_examples_store(tiny_llama, tmp_path):
     import pyarrow.parquet as pq
 
-    from mlsae.explorer_figures import examples_html
+    from mlsae.explorer.figures import examples_html
 
     pq.write_table(_examples_table(tiny_llama, 7, 1), tmp_path / "examples.parquet")
     ex = Explorer(_sae(tiny_llama), tiny_llama, examples=tmp_path)
@@ -320,7 +320,7 @@ def test_find_default_sae_and_examples(tmp_path, tiny_llama):
 
 @pytest.fixture
 def app(explorer):
-    from mlsae.explorer_app import ExplorerApp
+    from mlsae.explorer.app import ExplorerApp
 
     return ExplorerApp(explorer)
 
@@ -420,7 +420,7 @@ def test_app_bad_inputs_show_messages_and_stay_alive(app):
     app.submit("😀🎉 ünïcödé")
     assert "mlsae-error" not in _message(app) and app.strip.children
     long = Explorer(app.ex.sae, app.ex.transformer, max_tokens=16)
-    from mlsae.explorer_app import ExplorerApp
+    from mlsae.explorer.app import ExplorerApp
 
     small = ExplorerApp(long)
     small.submit(PROMPT * 3)
@@ -438,7 +438,7 @@ def test_app_survives_unexpected_errors(app, monkeypatch):
 
 
 def test_build_app_reports_load_errors(tmp_path, monkeypatch):
-    from mlsae.explorer_app import build_app
+    from mlsae.explorer.app import build_app
 
     widget = build_app(str(tmp_path / "missing"))
     assert "could not start" in widget.value and "missing" in widget.value
@@ -448,7 +448,7 @@ def test_build_app_reports_load_errors(tmp_path, monkeypatch):
 
 
 def test_build_app_from_a_folder(tiny_model_dir, tmp_path):
-    from mlsae.explorer_app import build_app
+    from mlsae.explorer.app import build_app
 
     model_dir = tiny_model_dir("llama")
     from mlsae.transformer import Transformer
@@ -465,7 +465,7 @@ def test_build_app_from_a_folder(tiny_model_dir, tmp_path):
 
 
 def test_book_views(explorer):
-    from mlsae.explorer_figures import HOW_TO_RUN_LIVE, book_views, views_html
+    from mlsae.book.views import HOW_TO_RUN_LIVE, book_views, views_html
 
     views = book_views(explorer, ["The cat sat on the mat.", "Paris 😀"], n_latents=3)
     assert len(views) == 12

@@ -252,7 +252,7 @@ def test_cli_prints_cached_paths(brown):
 
 def test_model_files(model_dir):
     manifest = json.loads((model_dir / fetch.MANIFEST).read_text())
-    assert manifest["sha256"] == MODEL_WHEEL.sha256 and manifest["hub_id"] == DEFAULT_MODEL
+    assert manifest["sha256"] == MODEL_WHEEL.sha256 and manifest["name"] == DEFAULT_MODEL
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (model_dir / name).is_file()
     assert not list(model_dir.glob("*.gguf")) and not (model_dir / "gguf").exists()
@@ -260,8 +260,9 @@ def test_model_files(model_dir):
 
 
 def test_embedded_model_names(model_dir):
-    assert embedded_model_dir("HuggingFaceTB/SmolLM2-135M-Instruct") == model_dir
-    assert embedded_model_dir("SmolLM2-135M-Instruct") == model_dir
+    assert embedded_model_dir("embedded:SmolLM2-135M-Instruct") == model_dir
+    assert embedded_model_dir("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # the hub's weights
+    assert embedded_model_dir("SmolLM2-135M-Instruct") is None
     assert embedded_model_dir("EleutherAI/pythia-70m-deduped") is None
 
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from mlsae.metrics import DownstreamMetrics, ReconstructionMetrics, cross_entropy, fvu, kl_div
-from mlsae.model import MLSAE, SAEConfig, geometric_median, repo_id
+from mlsae.model import MLSAE, SAEConfig, geometric_median, mlsae_name
 from mlsae.positions import PositionRule
 from mlsae.utils import MLSAEError
 
@@ -298,9 +298,9 @@ def test_bad_checkpoints(tmp_path):
         MLSAE.from_pretrained(str(tmp_path / "missing" / "repo"))
 
 
-def test_repo_id():
-    assert repo_id("EleutherAI/pythia-70m-deduped", 64, 32) == "mlsae-pythia-70m-deduped-x64-k32"
-    assert repo_id("EleutherAI/pythia-70m-deduped", 64, 32, tfm=True, owner="me") == \
+def test_mlsae_name():
+    assert mlsae_name("EleutherAI/pythia-70m-deduped", 64, 32) == "mlsae-pythia-70m-deduped-x64-k32"
+    assert mlsae_name("EleutherAI/pythia-70m-deduped", 64, 32, tfm=True, owner="me") == \
         "me/mlsae-pythia-70m-deduped-x64-k32-tfm"
 
 

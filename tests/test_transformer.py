@@ -426,13 +426,20 @@ def test_load_embedded_name_goes_through_fetch(monkeypatch, tiny_model_dir):
 
     def fake(name):
         asked.append(name)
-        return tiny_model_dir("llama") if name == "HuggingFaceTB/SmolLM2-135M-Instruct" else None
+        return tiny_model_dir("llama") if name == "embedded:SmolLM2-135M-Instruct" else None
 
     monkeypatch.setattr(mlsae.fetch, "embedded_model_dir", fake)
-    t = Transformer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert asked == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
-    assert t.name == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert t.model.config._name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    t = Transformer.from_pretrained("embedded:SmolLM2-135M-Instruct")
+    assert asked == ["embedded:SmolLM2-135M-Instruct"]
+    assert t.name == "embedded:SmolLM2-135M-Instruct"
+    assert t.model.config._name_or_path == "embedded:SmolLM2-135M-Instruct"
+
+
+def test_hub_id_of_the_embedded_model_means_the_hub(monkeypatch):
+    """The hub id names the hub's weights: offline it fails, pointing at the embedded name."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MLSAEError, match="offline mode is on; the embedded copy is 'embedded:SmolLM2-135M-Instruct'"):
+        Transformer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from mlsae.model import MLSAE, sae_name
 from mlsae.precision import PRECISIONS
 from mlsae.train import pick_device
 from mlsae.transformer import Transformer, transformer_for
-from mlsae.utils import MLSAEError, atomic_write_text
+from mlsae.utils import MLSAEError, atomic_write_text, sae_option
 
 C = TypeVar("C")
 
@@ -51,8 +51,7 @@ class DataOptions:
 class SAEOptions:
     """An MLSAE, its transformer, held-out data and where the results go."""
 
-    repo_id: str
-    """The MLSAE: a folder written by mlsae.train, or a hub repo id (this project's or the reference's)."""
+    sae: str = sae_option()
     model_name: str | None = None
     """Transformer (default: the one named in the MLSAE's config)."""
     data: DataOptions = field(default_factory=DataOptions)
@@ -62,7 +61,7 @@ class SAEOptions:
 
     @property
     def out(self) -> Path:
-        return output_dir(self.out_dir, self.repo_id)
+        return output_dir(self.out_dir, self.sae)
 
 
 def output_dir(out_dir: str | None, name: str) -> Path:
@@ -77,16 +76,16 @@ def parse(config: type[C], argv: list[str] | None, description: str | None) -> C
     return parser.parse_args(argv).cfg
 
 
-def load_sae(repo_id: str, device: str | torch.device = "cpu") -> MLSAE:
-    return MLSAE.from_pretrained(repo_id).to(device).eval().requires_grad_(False)
+def load_sae(name: str, device: str | torch.device = "cpu") -> MLSAE:
+    return MLSAE.from_pretrained(name).to(device).eval().requires_grad_(False)
 
 
-def load_pair(repo_id: str, model_name: str | None = None,
+def load_pair(name: str, model_name: str | None = None,
               device: str = "auto") -> tuple[MLSAE, Transformer, list[int]]:
     """The MLSAE, its transformer and the transformer layers it reads (in its order)."""
     dev = pick_device(device)
-    sae = load_sae(repo_id, dev)
-    transformer = transformer_for(sae, model_name, dev, repo_id)
+    sae = load_sae(name, dev)
+    transformer = transformer_for(sae, model_name, dev, name)
     layers = list(sae.config.layers) if sae.config.layers else list(range(transformer.n_layers))
     if len(layers) != sae.config.n_layers:
         raise MLSAEError(f"the MLSAE reads {sae.config.n_layers} layers but {transformer.name} has {transformer.n_layers}")

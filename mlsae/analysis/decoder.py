@@ -1,4 +1,4 @@
-"""Decoder geometry of an MLSAE: ``python -m mlsae.analysis.decoder --repo_id R``.
+"""Decoder geometry of an MLSAE: ``python -m mlsae.analysis.decoder --sae R``.
 
 With unit decoder directions w_f (rows of W_dec):
 
@@ -30,7 +30,7 @@ from mlsae.analysis.common import config_dict, load_sae, output_dir, parse, writ
 from mlsae.analysis.dists import Dists
 from mlsae.train import pick_device
 from mlsae.transformer import load_transformer
-from mlsae.utils import MLSAEError, atomic_path, run_cli
+from mlsae.utils import MLSAEError, atomic_path, run_cli, sae_option
 
 
 def unit(w: Tensor) -> Tensor:
@@ -158,8 +158,7 @@ def sample_pairs(W: Tensor, layer_mean: Tensor, n: int, seed: int = 0) -> pd.Dat
 
 @dataclass
 class DecoderOptions:
-    repo_id: str
-    """The MLSAE: a folder written by mlsae.train, or a hub repo id."""
+    sae: str = sae_option()
     model_name: str | None = None
     """Transformer for the embedding similarities (default: the one named in the MLSAE's config)."""
     embeddings: bool = True
@@ -183,8 +182,8 @@ class DecoderOptions:
 def run(cfg: DecoderOptions) -> dict:
     """Compute and write ``decoder.csv``, ``decoder.json`` (and the pair tables); returns the summary."""
     device = pick_device(cfg.device)
-    sae = load_sae(cfg.repo_id, device)
-    out = output_dir(cfg.out_dir, cfg.repo_id)
+    sae = load_sae(cfg.sae, device)
+    out = output_dir(cfg.out_dir, cfg.sae)
     W = sae.W_dec.detach()
     max_cos, partner = max_cos_others(W, cfg.chunk)
     per_latent = pd.DataFrame({"latent": np.arange(len(W)), "max_cos": max_cos.cpu().numpy(),
@@ -193,7 +192,7 @@ def run(cfg: DecoderOptions) -> dict:
     if cfg.embeddings:
         name = cfg.model_name or sae.config.model_name
         if name is None:
-            raise MLSAEError(f"{cfg.repo_id} does not name its transformer: pass --model_name or --no-embeddings")
+            raise MLSAEError(f"{cfg.sae} does not name its transformer: pass --model_name or --no-embeddings")
         model, _ = load_transformer(name, device=device)
         for key, module in (("embed_in", model.get_input_embeddings()), ("embed_out", model.get_output_embeddings())):
             values, tokens = top_cos_with(W, module.weight.detach(), cfg.chunk)
@@ -223,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(summary, indent=2))
     if "pairs" not in summary:
         print("no dists.safetensors: the pair analysis was skipped (run python -m mlsae.analysis.dists first)")
-    print(output_dir(cfg.out_dir, cfg.repo_id) / "decoder.json")
+    print(output_dir(cfg.out_dir, cfg.sae) / "decoder.json")
 
 
 if __name__ == "__main__":

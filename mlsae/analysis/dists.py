@@ -1,4 +1,4 @@
-"""How each latent's activation is distributed over layers: ``python -m mlsae.analysis.dists --repo_id R``.
+"""How each latent's activation is distributed over layers: ``python -m mlsae.analysis.dists --sae R``.
 
 Per (layer, latent), over the held-out tokens (special tokens left out):
 

@@ -1,4 +1,4 @@
-"""Maximally activating examples of every (latent, layer): ``python -m mlsae.analysis.examples --repo_id R``.
+"""Maximally activating examples of every (latent, layer): ``python -m mlsae.analysis.examples --sae R``.
 
 An example is a token at which latent f, read at layer l, has activation > dead_threshold;
 the top ``n_examples`` per (latent, layer) are kept with the context window from ``n_tokens``
@@ -263,7 +263,7 @@ def make(p, cfg: ExamplesOptions) -> TopExamples:
 
 
 def meta(p, cfg: SAEOptions, info: dict) -> dict:
-    return {"repo_id": cfg.repo_id, "model_name": cfg.model_name or p.sae.config.model_name or p.transformer.name,
+    return {"sae": cfg.sae, "model_name": cfg.model_name or p.sae.config.model_name or p.transformer.name,
             "tokens": info["tokens"], "config": config_dict(cfg), "pass": info}
 
 

@@ -1,4 +1,4 @@
-"""Which layers each latent is active at for one prompt: ``python -m mlsae.analysis.prompt --repo_id R --prompt TEXT``.
+"""Which layers each latent is active at for one prompt: ``python -m mlsae.analysis.prompt --sae R --prompt TEXT``.
 
 The paper's prompt heatmaps: a latent's activations at each layer summed over the prompt's
 positions (special tokens left out) give ``totals [L, F]``; latents that fired (activation >
@@ -20,7 +20,7 @@ from mlsae.analysis.dists import DistsAccumulator
 from mlsae.analysis.stream import encode_batch
 from mlsae.model import MLSAE
 from mlsae.transformer import Transformer
-from mlsae.utils import MLSAEError, atomic_path, run_cli
+from mlsae.utils import MLSAEError, atomic_path, run_cli, sae_option
 
 
 @dataclass
@@ -81,8 +81,7 @@ def prompt_heatmap(sae: MLSAE, transformer: Transformer, prompt: str, layers: li
 
 @dataclass
 class PromptOptions:
-    repo_id: str
-    """The MLSAE: a folder written by mlsae.train, or a hub repo id."""
+    sae: str = sae_option()
     prompt: str = "The cat sat on the mat."
     """The prompt."""
     model_name: str | None = None
@@ -97,9 +96,9 @@ class PromptOptions:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse(PromptOptions, argv, __doc__.split("\n\n")[0])
-    sae, transformer, layers = load_pair(cfg.repo_id, cfg.model_name, cfg.device)
+    sae, transformer, layers = load_pair(cfg.sae, cfg.model_name, cfg.device)
     heat = prompt_heatmap(sae, transformer, cfg.prompt, layers, cfg.precision)
-    out = output_dir(cfg.out_dir, cfg.repo_id)
+    out = output_dir(cfg.out_dir, cfg.sae)
     with atomic_path(out / "prompt.csv") as tmp:
         heat.frame().to_csv(tmp, index=False)
     print(f"{len(heat.latents)} latents fired over {len(heat.tokens)} tokens")

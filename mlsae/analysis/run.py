@@ -1,4 +1,4 @@
-"""dists, variances and examples from one pass over the data: ``python -m mlsae.analysis.run --repo_id R``.
+"""dists, variances and examples from one pass over the data: ``python -m mlsae.analysis.run --sae R``.
 
 Each batch costs one transformer forward (stopped after the deepest layer the MLSAE reads) and
 one MLSAE encode, whatever the number of analyses. Writes the files of each module (see their

@@ -22,6 +22,7 @@ from mlsae.analysis.common import DataOptions, SAEOptions, load_pair
 from mlsae.data import load_chunks
 from mlsae.kernels import TopK
 from mlsae.model import MLSAE
+from mlsae.positions import read_residuals
 from mlsae.precision import autocast as precision_autocast
 from mlsae.transformer import Transformer
 
@@ -63,7 +64,7 @@ class Pass:
 
 
 def prepare(cfg: SAEOptions) -> Pass:
-    sae, transformer, layers = load_pair(cfg.repo_id, cfg.model_name, cfg.data.device)
+    sae, transformer, layers = load_pair(cfg.sae, cfg.model_name, cfg.data.device)
     d = cfg.data
     chunks = load_chunks(d.path, d.split, transformer.tokenizer, d.max_length, max_tokens=d.max_tokens)
     return Pass(sae, transformer, layers, chunks)
@@ -77,11 +78,10 @@ def encode_batch(sae: MLSAE, transformer: Transformer, ids: Tensor, layers: Sequ
     device = transformer.device
     ids = ids.to(device)
     with precision_autocast(precision, device):
-        acts = transformer.residuals(ids, list(layers))
-        keep = sae.config.positions.keep(transformer.special_mask(ids), acts)
-        topk = sae.encode(acts.float())
-    values = topk.values.float() * keep[..., None]
-    return keep, TopK(values, topk.indices)
+        r = read_residuals(transformer, ids, layers, sae.config.positions)
+        topk = sae.encode(r.acts.float())
+    values = topk.values.float() * r.keep[..., None]
+    return r.keep, TopK(values, topk.indices)
 
 
 @torch.no_grad()

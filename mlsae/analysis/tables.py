@@ -1,9 +1,9 @@
 """Evaluation results of a sweep as one table: ``python -m mlsae.analysis.tables --root out``.
 
-Collects every ``test_*.json`` written by ``mlsae.test`` under ``--root`` (``test_*.csv`` where
+Collects every ``test_*.json`` written by ``mlsae.evaluate`` under ``--root`` (``test_*.csv`` where
 no JSON sits beside it) into one row per MLSAE with its model, expansion factor, k and layers,
 read from the MLSAE's config.json when its folder still exists, else parsed from its name
-(``mlsae-{model}-x{ef}-k{k}``). Metric columns keep mlsae.test's names (``train/fvu/avg``,
+(``mlsae-{model}-x{ef}-k{k}``). Metric columns keep mlsae.evaluate's names (``train/fvu/avg``,
 ``val/loss/delta/layer_3``, ...; definitions in ``mlsae.metrics``). Writes ``tables.csv``
 (wide) and ``tables_layers.csv`` (long: one row per MLSAE, metric and layer).
 """
@@ -43,12 +43,12 @@ def layers_label(layers: list[int] | None) -> str | None:
     return ",".join(map(str, layers))
 
 
-def describe_sae(repo_id: str, stem: str) -> dict:
+def describe_sae(sae: str, stem: str) -> dict:
     """Model, expansion factor, k and layers of an MLSAE, from its config.json or else its name."""
-    name = sae_name(repo_id) if repo_id else stem
+    name = sae_name(sae) if sae else stem
     info: dict = {"name": name, "model": None, "expansion_factor": None, "k": None, "n_latents": None,
                   "layers": None, "n_layers": None}
-    config = Path(repo_id) / "config.json" if repo_id else None
+    config = Path(sae) / "config.json" if sae else None
     if config is not None and config.is_file():
         raw = json.loads(config.read_text())
         if "n_latents" in raw and "n_inputs" in raw:
@@ -68,21 +68,22 @@ def read_result(path: Path) -> dict:
     """One row: the MLSAE's description and its metrics."""
     if path.suffix == ".json":
         raw = json.loads(path.read_text())
-        results, repo_id = raw.get("results", {}), raw.get("config", {}).get("repo_id", "")
+        config = raw.get("config", {})
+        results, sae = raw.get("results", {}), config.get("sae", config.get("repo_id", ""))  # older files: repo_id
     else:
         rows = pd.read_csv(path).to_dict("records")
         if len(rows) != 1:
             raise MLSAEError(f"{path} should hold one row of results, found {len(rows)}")
-        results, repo_id = rows[0], ""
+        results, sae = rows[0], ""
     stem = path.stem.removeprefix("test_")
-    return {**describe_sae(repo_id, stem), "source": str(path), **results}
+    return {**describe_sae(sae, stem), "source": str(path), **results}
 
 
 def collect(root: str | Path) -> pd.DataFrame:
     """Every result under ``root``, one row each, sorted by model, layers, expansion factor and k."""
     paths = find_results(root)
     if not paths:
-        raise MLSAEError(f"no test_*.json or test_*.csv under {root}: run python -m mlsae.test first")
+        raise MLSAEError(f"no test_*.json or test_*.csv under {root}: run python -m mlsae.evaluate first")
     df = pd.DataFrame([read_result(p) for p in paths])
     return df.sort_values(["model", "layers", "expansion_factor", "k", "name"], na_position="last",
                           ignore_index=True)

@@ -1,4 +1,4 @@
-"""Per-token versus aggregated spread of latents over layers: ``python -m mlsae.analysis.variances --repo_id R``.
+"""Per-token versus aggregated spread of latents over layers: ``python -m mlsae.analysis.variances --sae R``.
 
 The paper's claim: a latent is usually active at one layer for a given token, but which layer
 varies between tokens, so the variance of its layer distribution is about two orders of

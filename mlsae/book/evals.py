@@ -1,16 +1,16 @@
-"""Evaluation results (``mlsae.test``'s flat CSV columns) reshaped for the book's tables and plots."""
+"""Evaluation results (``mlsae.evaluate``'s flat CSV columns) reshaped for the book's tables and plots."""
 
 from __future__ import annotations
 
 import pandas as pd
 
 from mlsae.analysis.tables import PER_LAYER
-from mlsae.test import COLUMNS
+from mlsae.evaluate import COLUMNS
 
 LABELS = {"fvu": "FVU", "mse": "MSE", "l0": "L0", "l1": "L1", "dead": "silent", "delta_ce": "ΔCE", "kl": "KL",
           "ce_recovered": "CE recovered", "ce_spliced": "CE spliced", "ce_zero": "CE zero-ablated",
           "excluded_variance": "variance left out"}
-# metric -> (column prefix in mlsae.test's results, label in the book)
+# metric -> (column prefix in mlsae.evaluate's results, label in the book)
 METRICS = {metric: (COLUMNS[metric], label) for metric, label in LABELS.items()}
 
 DEFINITIONS = {

@@ -11,7 +11,7 @@ import html
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlsae.explorer_figures import ACCENT, SHADE, intensity
+from mlsae.explorer.figures import ACCENT, SHADE, intensity
 
 PLOTLY_JS = "plotly.min.js"
 

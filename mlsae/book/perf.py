@@ -30,7 +30,7 @@ def training_rows(folders: list[Path], cfg) -> pd.DataFrame:
 
 
 def stage_rows(out: Path) -> pd.DataFrame:
-    """Seconds and tokens of every evaluation (``mlsae.test``) and analysis pass under ``out``."""
+    """Seconds and tokens of every evaluation (``mlsae.evaluate``) and analysis pass under ``out``."""
     rows = []
     for path in sorted((out / "eval").rglob("test_*.json")):
         data = json.loads(path.read_text())
@@ -136,7 +136,7 @@ def recipe_study(config: dict | None = None, path: Path | None = None) -> dict |
 
 def recipe_points(records: list[dict], config: dict) -> pd.DataFrame:
     """The study's results for the recipe of ``config`` (a TrainConfig as a dict), one row per token
-    budget, with the evaluation's column names (``mlsae.test``)."""
+    budget, with the evaluation's column names (``mlsae.evaluate``)."""
     from mlsae.book.evals import same_recipe
 
     rows = [{"tokens": r["tokens"], "train/fvu/avg": r["fvu"], "val/loss/recovered/avg": r["ce_recovered"],

@@ -3,11 +3,11 @@
 A profile holds the parameters of every stage, so that ``make all PROFILE=<name>`` and every
 notebook of the book agree on them:
 
-- ``cfg``: options of ``mlsae.train`` for the sweep (the file doubles as its config:
+- ``train``: options of ``mlsae.train`` for the sweep (the file doubles as its config:
   ``python -m mlsae.train --config_path profiles/<name>.yaml``);
 - ``baselines``: per-layer SAEs (the paper's single-layer baselines): ``layers`` and the
-  train options that differ from ``cfg``;
-- ``test``: options of ``mlsae.test`` for every trained SAE;
+  train options that differ from ``train``;
+- ``evaluate``: options of ``mlsae.evaluate`` for every trained SAE;
 - ``analysis``: which MLSAE of the sweep the analyses look at, token budgets and prompts;
 - ``fetch``: what ``make fetch`` prepares (``embedded``, ``tiny`` or ``hub``).
 
@@ -17,7 +17,7 @@ Every notebook's ``parameters`` cell names the profile and may override single v
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,7 @@ import yaml
 from mlsae.train import TrainConfig
 from mlsae.utils import MLSAEError
 
-from mlsae.test import EvalConfig
-
-SECTIONS = ("cfg", "baselines", "test", "analysis", "fetch", "performance")
+from mlsae.evaluate import EvalConfig
 
 
 def repo_root() -> Path:
@@ -83,8 +81,8 @@ class Profile:
     def load(cls, name: str | Path) -> Profile:
         path = profile_path(name)
         data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict) or "cfg" not in data:
-            raise MLSAEError(f"{path}: a profile needs a top-level 'cfg:' section (the train options)")
+        if not isinstance(data, dict) or "train" not in data:
+            raise MLSAEError(f"{path}: a profile needs a top-level 'train:' section (the train options)")
         return cls(data.get("name", path.stem), path, data)
 
     def section(self, key: str) -> dict:
@@ -112,7 +110,7 @@ class Profile:
         ``runs_dir`` moves the sweep to ``<runs_dir>/sweep`` (the profile's own ``out_dir``
         is ``runs/<profile>/sweep``).
         """
-        values = self.section("cfg")
+        values = self.section("train")
         changed = {k: v for k, v in _drop_none(overrides).items() if values.get(k) != v}
         values.update(changed)
         # Overridden options train into their own folder, so that an experiment never replaces the
@@ -129,7 +127,7 @@ class Profile:
         section = self.section("baselines")
         layers = _drop_none(overrides).pop("layers", None) or section.pop("layers", [])
         section.pop("layers", None)
-        base = self.section("cfg")
+        base = self.section("train")
         base.update(section)
         changed = {k: v for k, v in _drop_none(overrides).items() if k != "layers" and base.get(k) != v}
         base.update(changed)
@@ -141,11 +139,11 @@ class Profile:
             configs.append(TrainConfig(**_only_known(TrainConfig, values, f"{self.path} baselines")))
         return configs
 
-    def eval_config(self, repo_id: str | Path, out_dir: str | Path, **overrides: Any) -> EvalConfig:
-        """``mlsae.test`` options for one trained SAE; results go to ``out_dir``."""
-        values = self.section("test")
+    def eval_config(self, sae: str | Path, out_dir: str | Path, **overrides: Any) -> EvalConfig:
+        """``mlsae.evaluate`` options for one trained SAE; results go to ``out_dir``."""
+        values = self.section("evaluate")
         values.update(_drop_none(overrides))
-        values.update(repo_id=str(repo_id), out_dir=str(out_dir))
+        values.update(sae=str(sae), out_dir=str(out_dir))
         return EvalConfig(**_only_known(EvalConfig, values, f"{self.path} test"))
 
     def analysis(self, **overrides: Any) -> dict:
@@ -153,10 +151,6 @@ class Profile:
         values.update(_drop_none(overrides))
         return values
 
-    def summary(self) -> dict:
-        """What the book's introduction says about the profile."""
-        cfg = self.train_config()
-        return {"name": self.name, "file": str(self.path), "description": self.description, "train": asdict(cfg)}
 
 
 def load_profile(name: str | Path) -> Profile:

@@ -90,7 +90,6 @@ class Results:
         self.path = self.out_dir / "results" / f"{name}.json"
         self.items: dict[str, dict] = {}
         self.tables: dict[str, list[list[str]]] = {}
-        self.texts: list[str] = []
         self.save()
 
     # ----- recording
@@ -135,7 +134,7 @@ class Results:
         return self._record(key, str(value), str(value), "text")
 
     def save(self) -> None:
-        payload = {"notebook": self.name, "items": self.items, "tables": self.tables, "texts": self.texts}
+        payload = {"notebook": self.name, "items": self.items, "tables": self.tables}
         atomic_write_text(self.path, json.dumps(payload, indent=1, default=str))
 
     # ----- showing
@@ -198,8 +197,6 @@ class Results:
                 for row in rows:
                     for c in row:
                         tokens.update(number_tokens(c))
-            for text in data.get("texts", []):
-                tokens.update(number_tokens(text))
         for value, _ in PAPER.values():
             tokens.update(number_tokens(fmt_number(value)))
         return tokens

@@ -4,7 +4,7 @@
   return the folders of a finished one. A run is finished when its checkpoint says so and was
   made with the same options; the CLI (``python -m mlsae.train --config_path
   profiles/<name>.yaml``) and the notebook are interchangeable.
-- ``ensure_evaluated``: ``mlsae.test`` on one SAE, unless its results JSON was written with the
+- ``ensure_evaluated``: ``mlsae.evaluate`` on one SAE, unless its results JSON was written with the
   same options after the SAE's weights.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mlsae.model import repo_id, sae_name
+from mlsae.model import mlsae_name, sae_name
 from mlsae.train import RESUMABLE, TrainConfig, train
 from mlsae.utils import MLSAEError, atomic_write_text
 
@@ -28,7 +28,7 @@ from mlsae.book.profile import EvalConfig
 # The modules whose code decides each cached stage's results: a change to any of them recomputes
 # the stage (training is keyed on its options only: delete runs/<profile> to retrain after
 # changing the training code).
-EVAL_CODE = ("mlsae.test", "mlsae.metrics", "mlsae.positions", "mlsae.model", "mlsae.kernels", "mlsae.transformer", "mlsae.data")
+EVAL_CODE = ("mlsae.evaluate", "mlsae.metrics", "mlsae.positions", "mlsae.model", "mlsae.kernels", "mlsae.transformer", "mlsae.data")
 PASS_CODE = ("mlsae.analysis.run", "mlsae.analysis.stream", "mlsae.positions", "mlsae.analysis.dists", "mlsae.analysis.variances",
              "mlsae.analysis.examples", "mlsae.analysis.common", "mlsae.model", "mlsae.kernels", "mlsae.transformer",
              "mlsae.data")
@@ -67,7 +67,7 @@ def _stamp(folder: Path, stage: str, digest: str) -> None:
 
 def run_dirs(cfg: TrainConfig) -> list[Path]:
     """The folders ``train(cfg)`` writes its SAEs to, in sweep order."""
-    return [Path(cfg.out_dir) / repo_id(cfg.model_name, ef, k) for ef, k in cfg.sweep()]
+    return [Path(cfg.out_dir) / mlsae_name(cfg.model_name, ef, k) for ef, k in cfg.sweep()]
 
 
 def _comparable(config: dict) -> dict:
@@ -123,14 +123,14 @@ def eval_path(out_dir: str | Path, run_dir: str | Path) -> Path:
 
 
 def ensure_evaluated(cfg: EvalConfig) -> tuple[dict, dict]:
-    """``mlsae.test`` results of ``cfg.repo_id`` (a local folder), computed unless up to date.
+    """``mlsae.evaluate`` results of ``cfg.sae`` (a local folder), computed unless up to date.
 
     Returns ``(results, info)``: the flat dict of CSV columns, and what happened.
     """
-    from mlsae.test import evaluate, write_results
+    from mlsae.evaluate import evaluate, write_results
 
-    path = eval_path(cfg.out_dir, cfg.repo_id)
-    weights = Path(cfg.repo_id) / "model.safetensors"
+    path = eval_path(cfg.out_dir, cfg.sae)
+    weights = Path(cfg.sae) / "model.safetensors"
     digest = code_digest(EVAL_CODE)
     if path.is_file() and weights.is_file():
         saved = json.loads(path.read_text())
@@ -140,7 +140,7 @@ def ensure_evaluated(cfg: EvalConfig) -> tuple[dict, dict]:
     start = time.perf_counter()
     results = evaluate(cfg)
     seconds = time.perf_counter() - start
-    write_results(results, cfg, sae_name(cfg.repo_id), extra={"seconds": seconds, "code": digest})
+    write_results(results, cfg, sae_name(cfg.sae), extra={"seconds": seconds, "code": digest})
     return results, {"status": "computed", "seconds": seconds}
 
 
@@ -199,7 +199,7 @@ def ensure_analysis_pass(sae_folder: str | Path, out_dir: str | Path, analysis: 
     from mlsae.analysis.run import RunOptions, run
 
     out = analysis_dir(out_dir, sae_folder)
-    opts = RunOptions(repo_id=str(sae_folder), data=data_options(analysis), out_dir=str(out),
+    opts = RunOptions(sae=str(sae_folder), data=data_options(analysis), out_dir=str(out),
                       n_examples=int(analysis.get("n_examples", 32)), n_tokens=int(analysis.get("n_tokens", 4)),
                       analyses=list(analyses))
     digest = code_digest(PASS_CODE)
@@ -250,9 +250,9 @@ def ensure_decoder(sae_folder: str | Path, out_dir: str | Path, *, embeddings: b
     saved = json.loads(path.read_text()) if path.is_file() else None
     digest = code_digest(DECODER_CODE)
     fresh = (saved is not None and path.stat().st_mtime >= newest and _stamp_ok(out, "decoder", digest)
-             and saved["config"].get("embeddings") == embeddings and saved["config"].get("repo_id") == str(sae_folder))
+             and saved["config"].get("embeddings") == embeddings and saved["config"].get("sae") == str(sae_folder))
     if not fresh:
-        decoder.run(decoder.DecoderOptions(repo_id=str(sae_folder), embeddings=embeddings, out_dir=str(out)))
+        decoder.run(decoder.DecoderOptions(sae=str(sae_folder), embeddings=embeddings, out_dir=str(out)))
         _stamp(out, "decoder", digest)
         saved, status = json.loads(path.read_text()), "computed"
     return saved, {"status": status, "seconds": time.perf_counter() - start}

@@ -652,20 +652,6 @@ void mlsae_gather_dot(const int64_t* idx, const float* W, const float* G, int64_
     }
 }
 
-/* out[i] = sum_j v[i, j] * W[idx[i, j]]: the sparse decode. Columns go in blocks of DBLOCK
- * so that the block's sums stay in registers while the k rows stream by. */
-void mlsae_gather_sum(const float* v, const int64_t* idx, const float* W, int64_t n, int64_t k,
-                      int64_t d, float* out, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const float* vi = v + i * k;
-        const int64_t* ii = idx + i * k;
-        if (i + 1 < n)
-            for (int64_t j = 0; j < k; j++) prefetch_row(W + ii[k + j] * d, d);
-        accumulate_rows(out + i * d, vi, ii, W, d, k);
-    }
-}
-
 /* g[f] -= <g[f], w[f]> * w[f] for each of F rows of length d: removes from a decoder gradient
  * its component along each (unit) decoder row, in one pass instead of PyTorch's three. */
 void mlsae_project_rows(float* g, const float* w, int64_t F, int64_t d, int nthreads) {

@@ -1,6 +1,6 @@
 """The prompt explorer's logic: one cached forward pass per prompt, and the values behind every view.
 
-No widget code lives here (that is ``mlsae.explorer_app``), so the numbers each view shows can be
+No widget code lives here (that is ``mlsae.explorer.app``), so the numbers each view shows can be
 tested directly against the SAE and the transformer, and reused by the book's static figures.
 
 A prompt costs one transformer forward (residuals of every SAE layer and the clean logits) and one
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from mlsae.kernels import TopK
 from mlsae.model import MLSAE
+from mlsae.positions import read_residuals
 from mlsae.precision import autocast as precision_autocast
 from mlsae.precision import resolve as resolve_precision
 from mlsae.transformer import Transformer
@@ -268,9 +269,9 @@ class Explorer:
     def _run(self, prompt: str, ids: Tensor, n_in: int, key: tuple) -> PromptRun:
         tf, sae = self.transformer, self.sae
         with self._autocast():
-            resid, logits = tf.run_with_residuals(ids[None], self.layers)
-        resid = resid[:, 0].float()
-        excluded = ~sae.config.positions.keep(tf.special_mask(ids[None]), resid[:, None])[0].cpu()
+            r = read_residuals(tf, ids[None], self.layers, sae.config.positions, logits=True)
+        resid, logits = r.acts[:, 0].float(), r.logits
+        excluded = ~r.keep[0].cpu()
         s = sae.standardize(resid)
         topk = sae.encode_standardized(s.x)
         recon = sae.decode(topk, s)  # = sae(resid), keeping the standardization for its scale

@@ -1,31 +1,24 @@
 """Plotly figures and HTML fragments for the explorer's views, shared by the live app and the book.
 
 Every builder takes the plain values an ``Explorer`` computes, so the live widgets and the book's
-precomputed pages draw the same pictures. ``book_views`` precomputes interactive views for a few
-example prompts; ``views_html`` turns them into one self-contained HTML fragment (plotly.js
-inlined once) that a built book can show without a kernel or a network.
+precomputed pages (``mlsae.book.views``) draw the same pictures.
 """
 
 from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-from mlsae.explorer import (
-    STEER_RANGE,
-    THRESHOLD,
-    Explorer,
+from mlsae.explorer.core import (
     Histograms,
     LatentLayerMatrix,
     Logit,
     LogitLists,
-    PromptRun,
     token_texts,
     visible,
 )
@@ -33,23 +26,6 @@ from mlsae.explorer import (
 ACCENT = "#1565c0"  # selection outlines
 SHADE = (255, 127, 14)  # activation shading (plotly's orange)
 _FONT = "ui-monospace, SFMono-Regular, Menlo, Consolas, monospace"
-
-HOW_TO_RUN_LIVE = """\
-**Run the explorer live.** After `make all` has trained the default MLSAE, `make explore` serves
-the explorer as a local web app (Voilà, bound to 127.0.0.1) and prints its address; open it in a
-browser, type a prompt and press Submit. `make explore MODEL=<MLSAE folder or hub id>` explores
-another MLSAE (its config names the transformer). In Jupyter, open `notebooks/explorer.ipynb` and
-run it, or in any notebook:
-
-```python
-from mlsae.explorer_app import build_app
-build_app("runs/default/mlsae-SmolLM2-135M-Instruct-x8-k32")
-```
-
-Click a token to select its position; the layer, latent, threshold and steering factor controls
-update every view. Only the reconstruction and steering logits run the model again (from the
-selected layer on); everything else reuses the prompt's cached forward pass.
-"""
 
 
 def intensity(value: float, top: float) -> float:
@@ -69,13 +45,13 @@ def _np(t: Tensor):
     return t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
 
 
-def _layer_axis(fig: go.Figure, layers: Sequence[int]) -> None:
+def layer_axis(fig: go.Figure, layers: Sequence[int]) -> None:
     """A y axis of whole layer numbers (every layer labelled while they fit)."""
     fig.update_yaxes(title_text="layer", dtick=1 if len(layers) <= 16 else None)
     fig.update_layout(height=max(320, 110 + 10 * len(layers)))  # rows stay readable with many layers
 
 
-def _heat_layout(title: str, height: int = 320) -> dict:
+def heat_layout(title: str, height: int = 320) -> dict:
     """No template here: the live app sets one per widget once (templates are slow to copy)."""
     return dict(title=dict(text=title, font=dict(size=14)), height=height, margin=dict(l=60, r=20, t=40, b=50))
 
@@ -122,8 +98,8 @@ def latent_layer_figure(
         marker=dict(size=4, color="white", line=dict(width=0.5)),
         hovertemplate="latent %{customdata}: mean layer %{y:.2f}<extra></extra>",
     ))
-    fig.update_layout(**_heat_layout(title))
-    _layer_axis(fig, m.layers)
+    fig.update_layout(**heat_layout(title))
+    layer_axis(fig, m.layers)
     few = n <= 40
     fig.update_xaxes(title_text=f"{n} latents, sorted by mean layer", showticklabels=few,
                      tickmode="array" if few else "auto", tickvals=ranks if few else None,
@@ -143,8 +119,8 @@ def histogram_figure(h: Histograms, layers: Sequence[int]) -> go.Figure:
         hovertemplate="layer %{y}<br>activation %{x:.3g}<br>%{customdata} latents<extra></extra>",
         colorbar=dict(title=dict(text="log10(1+count)", side="right"), thickness=12),
     ))
-    fig.update_layout(**_heat_layout("Latent activations per layer (histograms)"))
-    _layer_axis(fig, layers)
+    fig.update_layout(**heat_layout("Latent activations per layer (histograms)"))
+    layer_axis(fig, layers)
     fig.update_xaxes(title_text="activation")
     return fig
 
@@ -153,14 +129,14 @@ def latent_tokens_figure(
     acts: Tensor, tokens: Sequence[str], layers: Sequence[int], latent: int
 ) -> go.Figure:
     """One latent's activation at every (layer, token): where in depth and in the prompt it fires."""
-    fig = go.Figure(_latent_tokens_trace(acts, tokens, layers))
-    fig.update_layout(**_heat_layout(f"Latent {latent} at every layer and token"))
-    _layer_axis(fig, layers)
-    _token_axis(fig, tokens)
+    fig = go.Figure(latent_tokens_trace(acts, tokens, layers))
+    fig.update_layout(**heat_layout(f"Latent {latent} at every layer and token"))
+    layer_axis(fig, layers)
+    token_axis(fig, tokens)
     return fig
 
 
-def _latent_tokens_trace(acts: Tensor, tokens: Sequence[str], layers: Sequence[int]) -> go.Heatmap:
+def latent_tokens_trace(acts: Tensor, tokens: Sequence[str], layers: Sequence[int]) -> go.Heatmap:
     return go.Heatmap(
         x=list(range(len(tokens))), y=list(layers), z=_np(acts), colorscale="Oranges", zmin=0,
         customdata=[list(tokens)] * len(layers),
@@ -169,14 +145,14 @@ def _latent_tokens_trace(acts: Tensor, tokens: Sequence[str], layers: Sequence[i
     )
 
 
-def _token_axis(fig: go.Figure, tokens: Sequence[str]) -> None:
+def token_axis(fig: go.Figure, tokens: Sequence[str]) -> None:
     """Token positions along x, labelled with the tokens while they fit."""
     few = len(tokens) <= 48
     fig.update_xaxes(title_text="token", tickmode="array", tickvals=list(range(len(tokens))) if few else None,
                      ticktext=list(tokens) if few else None, tickangle=-60)
 
 
-def _logits_table(lists: dict[str, LogitLists]) -> go.Table:
+def logits_table(lists: dict[str, LogitLists]) -> go.Table:
     """A plotly table of next-token logit lists (for the book, where there are no widgets)."""
     header, columns = [], []
     for name, ll in lists.items():
@@ -252,114 +228,3 @@ def logits_html(panels: dict[str, LogitLists | str]) -> str:
         parts.append(f"<div style='margin:0 24px 12px 0'><div style='font-weight:700;margin-bottom:4px'>"
                      f"{html.escape(name)}</div><div style='display:flex;flex-wrap:wrap'>{body}</div></div>")
     return f"<div style='display:flex;flex-wrap:wrap'>{''.join(parts)}</div>"
-
-
-# ----------------------------------------------------------------------------- the book
-
-
-@dataclass
-class View:
-    title: str
-    figure: go.Figure
-
-
-def book_views(explorer: Explorer, prompts: Sequence[str], *, n_latents: int = 8, factor: float = 5.0,
-               threshold: float = THRESHOLD) -> list[View]:
-    """Precomputed interactive views of a few prompts, for the book's explorer chapter.
-
-    Per prompt: the whole-prompt heatmap, the per-layer histograms, the top latents across layers and
-    tokens (a dropdown picks the latent), the last position's active latents, and next-token logits
-    at the last position: the model's, with each layer replaced by its reconstruction (a dropdown
-    picks the layer), and steered by the prompt's strongest latent (a dropdown picks the factor).
-    """
-    views = []
-    for prompt in prompts:
-        run = explorer.submit(prompt)
-        short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-        views += _prompt_views(explorer, run, f"“{short}”", n_latents, factor, threshold)
-    return views
-
-
-def _prompt_views(ex: Explorer, run: PromptRun, name: str, n_latents: int, factor: float,
-                  threshold: float) -> list[View]:
-    last, mid = run.n_tokens - 1, ex.layers[len(ex.layers) // 2]
-    top = _top_latents(ex, run, n_latents)
-    return [
-        View(f"{name}: prompt heatmap", latent_layer_figure(ex.prompt_heatmap(run), "Latents of the whole prompt "
-             "(activation summed over tokens, normalised over layers)", value_name="share")),
-        View(f"{name}: histograms", histogram_figure(ex.histograms(run), ex.layers)),
-        View(f"{name}: top latents", _latent_dropdown_figure(ex, run, top)),
-        View(f"{name}: last position", latent_layer_figure(ex.position_view(run, last, threshold),
-             f"Latents above {threshold:g} at the last token “{run.tokens[last]}”")),
-        View(f"{name}: reconstruction logits", _recon_dropdown_figure(ex, run, last)),
-        View(f"{name}: steering logits",
-             _steer_dropdown_figure(ex, run, mid, ex.strongest_latent(run, mid, last), last, factor)),
-    ]
-
-
-def _top_latents(ex: Explorer, run: PromptRun, n: int) -> list[int]:
-    """The prompt's latents with the largest total activation."""
-    indices, values = run.topk.indices.reshape(-1).cpu(), run.topk.values.reshape(-1).float().cpu()
-    totals = torch.zeros(ex.n_latents).scatter_add_(0, indices, values)
-    return totals.topk(min(n, int((totals > 0).sum()) or 1)).indices.tolist()
-
-
-def _dropdown(labels: Sequence[str]) -> dict:
-    """A menu showing trace i alone when label i is picked (the traces were precomputed)."""
-    buttons = [dict(label=label, method="update", args=[{"visible": [j == i for j in range(len(labels))]}])
-               for i, label in enumerate(labels)]
-    return dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.18, yanchor="top", showactive=True)
-
-
-def _latent_dropdown_figure(ex: Explorer, run: PromptRun, latents: list[int]) -> go.Figure:
-    fig = go.Figure()
-    for i, f in enumerate(latents):
-        trace = _latent_tokens_trace(ex.latent_acts(run, f), run.tokens, ex.layers)
-        trace.visible = i == 0
-        fig.add_trace(trace)
-    fig.update_layout(**_heat_layout("The prompt's strongest latents at every layer and token", height=360),
-                      updatemenus=[_dropdown([f"latent {f}" for f in latents])])
-    _token_axis(fig, run.tokens)
-    _layer_axis(fig, ex.layers)
-    return fig
-
-
-def _recon_dropdown_figure(ex: Explorer, run: PromptRun, position: int) -> go.Figure:
-    clean = ex.logits_clean(run, position)
-    fig = go.Figure()
-    for i, layer in enumerate(ex.layers):
-        trace = _logits_table({"model": clean, f"layer {layer} reconstructed": ex.logits_recon(run, layer, position)})
-        trace.visible = i == 0
-        fig.add_trace(trace)
-    fig.update_layout(title=dict(text=f"Next token after “{run.tokens[position]}”: the model, and with one layer "
-                                      "replaced by its reconstruction", font=dict(size=14)),
-                      height=520, margin=dict(l=10, r=10, t=80, b=10),
-                      updatemenus=[_dropdown([f"layer {layer}" for layer in ex.layers])])
-    return fig
-
-
-def _steer_dropdown_figure(ex: Explorer, run: PromptRun, layer: int, latent: int, position: int,
-                           factor: float) -> go.Figure:
-    factors = [-2 * factor, -factor, factor, 2 * factor]
-    factors = [max(STEER_RANGE[0], min(STEER_RANGE[1], f)) for f in factors]
-    clean = ex.logits_clean(run, position)
-    fig = go.Figure()
-    for i, f in enumerate(factors):
-        trace = _logits_table({"model": clean, f"steered ×{f:g}": ex.logits_steered(run, layer, latent, f, position)})
-        trace.visible = i == 0
-        fig.add_trace(trace)
-    fig.update_layout(title=dict(text=f"Next token after “{run.tokens[position]}”, steering latent {latent} at layer "
-                                      f"{layer}", font=dict(size=14)),
-                      height=520, margin=dict(l=10, r=10, t=80, b=10),
-                      updatemenus=[_dropdown([f"factor {f:+g}" for f in factors])])
-    return fig
-
-
-def views_html(views: Sequence[View], *, include_plotlyjs: bool | str = True) -> str:
-    """One HTML fragment of all views; plotly.js is inlined once so the page works offline."""
-    parts = []
-    for i, view in enumerate(views):
-        div = view.figure.to_html(full_html=False, include_plotlyjs=include_plotlyjs if i == 0 else False,
-                                  config={"displaylogo": False, "responsive": True})
-        parts.append(f"<section><h4>{html.escape(view.title)}</h4>{div}</section>")
-    return "\n".join(parts)

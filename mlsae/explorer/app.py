@@ -1,6 +1,6 @@
 """The prompt explorer as an ipywidgets app: works in Jupyter, and ``make explore`` serves it with Voilà.
 
-All numbers come from ``mlsae.explorer.Explorer``; this module only wires controls to views. Each
+All numbers come from ``mlsae.explorer.core.Explorer``; this module only wires controls to views. Each
 control redraws only the views that depend on it, and every callback turns errors into a message in
 the page, so a bad input never shows a traceback or leaves a dead widget.
 """
@@ -21,8 +21,8 @@ from typing import Any
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from mlsae import explorer_figures as figs
-from mlsae.explorer import (
+from mlsae.explorer import figures as figs
+from mlsae.explorer.core import (
     STEER_RANGE,
     THRESHOLD,
     Explorer,

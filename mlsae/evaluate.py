@@ -1,4 +1,4 @@
-"""Evaluate a trained MLSAE on held-out data: ``python -m mlsae.test --repo_id PATH_OR_ID``.
+"""Evaluate a trained MLSAE on held-out data: ``python -m mlsae.evaluate --sae PATH_OR_ID``.
 
 Writes one CSV row with the reference's column names (``train/fvu/layer_0`` ...
 ``val/loss/delta/avg``) plus this project's extra columns, and the same as JSON.
@@ -19,20 +19,19 @@ from tqdm.auto import tqdm
 from mlsae.data import load_chunks
 from mlsae.metrics import DownstreamMetrics, ExcludedShare, ReconstructionMetrics
 from mlsae.model import MLSAE, sae_name
-from mlsae.positions import PositionRule
+from mlsae.positions import PositionRule, read_residuals
 from mlsae.precision import autocast as precision_autocast
 from mlsae.precision import resolve as resolve_precision
 from mlsae.train import pick_device
 from mlsae.transformer import Transformer, transformer_for
-from mlsae.utils import atomic_path, run_cli
+from mlsae.utils import atomic_path, run_cli, sae_option
 
 
 @dataclass
 class EvalConfig:
-    """Options of ``python -m mlsae.test``."""
+    """Options of ``python -m mlsae.evaluate``."""
 
-    repo_id: str
-    """The MLSAE: a folder written by mlsae.train, or a hub repo id (this project's or the reference's)."""
+    sae: str = sae_option()
     model_name: str | None = None
     """Transformer (default: the one named in the MLSAE's config)."""
     path: str = "brown"
@@ -68,9 +67,9 @@ def position_rule(cfg: EvalConfig, sae: MLSAE) -> PositionRule:
 def evaluate(cfg: EvalConfig) -> dict[str, float]:
     """All metrics of one MLSAE as a flat dict of CSV columns (over the positions its rule keeps)."""
     device = pick_device(cfg.device)
-    sae = MLSAE.from_pretrained(cfg.repo_id).to(device)
+    sae = MLSAE.from_pretrained(cfg.sae).to(device)
     rule = position_rule(cfg, sae)
-    transformer = transformer_for(sae, cfg.model_name, device, cfg.repo_id)
+    transformer = transformer_for(sae, cfg.model_name, device, cfg.sae)
     layers = sae.config.layers or list(range(transformer.n_layers))
     chunks = load_chunks(cfg.path, cfg.split, transformer.tokenizer, cfg.max_length, max_tokens=cfg.max_tokens)
     recon_metrics = ReconstructionMetrics(len(layers), sae.config.n_latents, sae.config.dead_threshold)
@@ -81,17 +80,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, float]:
     with torch.no_grad(), autocast:
         for ids in tqdm(chunks.split(cfg.batch_size), desc="evaluate", unit="batch"):
             ids = ids.to(device)
-            if downstream_left > 0:
-                acts, logits = transformer.run_with_residuals(ids, layers)
-            else:
-                acts, logits = transformer.residuals(ids, layers), None
-            keep = rule.keep(transformer.special_mask(ids), acts)
-            excluded.update(acts, keep)
-            x = acts[:, keep].float()
+            r = read_residuals(transformer, ids, layers, rule, logits=downstream_left > 0)
+            excluded.update(r.acts, r.keep)
+            x = r.kept
             recon, topk = sae(x)
             recon_metrics.update(x, recon, topk)
-            if logits is not None:
-                downstream(transformer, ids, layers, acts, recon, keep, logits, down_metrics)
+            if r.logits is not None:
+                downstream(transformer, ids, layers, r.acts, recon, r.keep, r.logits, down_metrics)
                 downstream_left -= ids.numel()
     down = down_metrics.compute() if down_metrics.tokens else None
     return columns(layers, {**recon_metrics.compute(), **excluded.compute()}, down)
@@ -152,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_arguments(EvalConfig, dest="cfg")
     cfg = parser.parse_args(argv).cfg
     results = evaluate(cfg)
-    path = write_results(results, cfg, sae_name(cfg.repo_id))
+    path = write_results(results, cfg, sae_name(cfg.sae))
     summary = {k: round(v, 4) for k, v in results.items() if k.endswith("/avg") or k == "train/dead/rel"}
     print(json.dumps(summary, indent=2))
     print(path)
