@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from mlsae import native
 from mlsae.precision import cpu_model
 from mlsae.evaluate import EvalConfig, evaluate
 from mlsae.train import TrainConfig, train
@@ -85,6 +86,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recipes.json")
     args = parser.parse_args()
     base, eval_base = base_configs(args.profile)
+    if base.malloc_tuning:
+        native.tune_malloc()  # as python -m mlsae.train does
     # Records of earlier invocations are kept (a recipe at a budget measured again replaces its record).
     records = {(r["recipe"], r["tokens"]): r for r in json.loads(args.out.read_text())["records"]} if args.out.is_file() else {}
     for tokens in args.max_tokens:

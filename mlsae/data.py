@@ -31,10 +31,38 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mlsae.fetch import CORPORA, fetch_corpus
+from mlsae.precision import PRECISIONS
 from mlsae.utils import MLSAEError, atomic_path, cache_dir
 
 SPLIT_SYNONYMS = {"val": "validation", "validation": "val", "valid": "val", "dev": "val"}
 TOKENS_FORMAT = 1  # bump when the chunking changes, to invalidate cached token files
+
+
+@dataclass
+class DataOptions:
+    """Held-out data and how a pass runs over it: declared once, for the evaluation and the analyses."""
+
+    path: str = "brown"
+    """Held-out data: a .jsonl[.zst] file, a folder of splits, 'brown', or a hub dataset id."""
+    split: str = "test"
+    """Split of the data."""
+    max_length: int = 256
+    """Tokens per sequence."""
+    batch_size: int = 4
+    """Sequences per forward pass."""
+    max_tokens: int = 65_536
+    """Tokens to read (the positions that the MLSAE's position rule leaves out are then ignored)."""
+    precision: str = "auto"
+    """Autocast precision of the transformer and the encoder product (auto, bf16 or fp32; mlsae.precision)."""
+    device: str = "auto"
+    """cpu, cuda, or auto."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "batch_size", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise MLSAEError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise MLSAEError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ import torch
 from simple_parsing import ArgumentParser
 from tqdm.auto import tqdm
 
-from mlsae.data import load_chunks
+from mlsae.data import DataOptions, load_chunks
 from mlsae.metrics import DownstreamMetrics, ExcludedShare, ReconstructionMetrics
-from mlsae.model import MLSAE, sae_name
+from mlsae.formats import sae_name
+from mlsae.model import MLSAE
 from mlsae.positions import PositionRule, read_residuals
 from mlsae.precision import autocast as precision_autocast
 from mlsae.precision import resolve as resolve_precision
@@ -27,33 +28,20 @@ from mlsae.transformer import Transformer, transformer_for
 from mlsae.utils import atomic_path, run_cli, sae_option
 
 
-@dataclass
-class EvalConfig:
-    """Options of ``python -m mlsae.evaluate``."""
+@dataclass(kw_only=True)
+class EvalConfig(DataOptions):
+    """Options of ``python -m mlsae.evaluate``: the data options (``max_tokens`` for the
+    reconstruction metrics: FVU, MSE, L0, L1, dead latents) and these."""
 
     sae: str = sae_option()
     model_name: str | None = None
     """Transformer (default: the one named in the MLSAE's config)."""
-    path: str = "brown"
-    """Held-out data: a .jsonl[.zst] file, a folder of splits, 'brown', or a hub dataset id."""
-    split: str = "test"
-    """Split of the data to evaluate on."""
-    max_length: int = 256
-    """Tokens per sequence."""
-    batch_size: int = 4
-    """Sequences per forward pass."""
-    max_tokens: int = 65_536
-    """Tokens for the reconstruction metrics (FVU, MSE, L0, L1, dead latents)."""
     downstream_tokens: int = 8_192
     """Tokens (the first of the above) for the metrics that splice reconstructions into the model."""
     skip_special_tokens: bool | None = None
     """Override the MLSAE's position rule: leave special tokens out (default: as the MLSAE was trained)."""
     skip_first: int | None = None
     """Override the MLSAE's position rule: leading positions left out (default: as the MLSAE was trained)."""
-    precision: str = "auto"
-    """Autocast precision (auto: the faster on this machine, bf16 or fp32; mlsae.precision)."""
-    device: str = "auto"
-    """cpu, cuda, or auto."""
     out_dir: str = "out"
     """Where test_{name}.csv and .json go."""
 

@@ -14,6 +14,10 @@ the TopK touches only the k (plus AuxK) selected latents of each vector:
             grad_x[i] = sum_j g[i, j] * W_enc[indices[i, j]]            (embedding_bag)
             grad_b    = -sum_f (sum of g at f) * W_enc[f]              (no per-vector pass)
 
+The loss's dense passes live here too, so that mlsae.model reads as the method: ``standardize``
+(one pass, with the encoder's bf16 input), ``scaled_error`` (the raw-space error and its MSE,
+one pass each way) and ``project_rows_`` (the decoder-gradient constraint).
+
 TopK, the scatters and the decode's backward run in mlsae.native's C loops when that compiles
 (fp32/bf16 tensors on a CPU), otherwise in PyTorch ops (CUDA included); both paths are checked
 against naive dense autograd in tests/test_kernels.py. The scratch buffers are module-level:
@@ -22,6 +26,7 @@ not for concurrent calls from several threads.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -370,6 +375,95 @@ def topk_encode(
     if len(out) == 2:
         return TopK(*out), None
     return TopK(out[0], out[1]), TopK(out[2], out[3])
+
+
+# ----------------------------------------------------------------------------- the loss's dense passes
+
+
+class Standardized(NamedTuple):
+    x: Tensor  # standardized input
+    mean: Tensor | float
+    scale: Tensor | float
+
+
+class _ScaledError(torch.autograd.Function):
+    """Per-layer MSE in the raw space, ``mean(((decoded + b - z) * scale)^2)``, from standardized tensors.
+
+    Returns the MSE [L], the raw-space error ``recon - x`` [M, d] and the reconstruction (both
+    detached, for AuxK and the caller); one [M, d] pass forward and one backward, where autograd
+    through the de-standardization would make about ten.
+    """
+
+    @staticmethod
+    def forward(ctx, decoded: Tensor, b: Tensor, z: Tensor, scale: Tensor, x: Tensor, n_layers: int):
+        ctx.native = _fp32_native(decoded, b, z, scale, x)
+        if ctx.native:
+            error, recon, per_row = native.scaled_error(decoded, b.detach(), z, scale, x)
+            mse = per_row.view(n_layers, -1).sum(1) / (error.numel() // n_layers)
+        else:
+            error = torch.add(decoded, b).sub_(z).mul_(scale)
+            recon = x + error
+            mse = torch.linalg.vector_norm(error.view(n_layers, -1), dim=1).square_() / (error.numel() // n_layers)
+        ctx.save_for_backward(error, scale)
+        ctx.mark_non_differentiable(error, recon)
+        ctx.set_materialize_grads(False)  # no [M, d] zeros for the two non-differentiable outputs
+        ctx.n_layers = n_layers
+        return mse, error, recon
+
+    @staticmethod
+    def backward(ctx, grad_mse: Tensor | None, _grad_error: None, _grad_recon: None):
+        if grad_mse is None:
+            return None, None, None, None, None, None
+        error, scale = ctx.saved_tensors
+        per_layer = grad_mse * (2 / (error.numel() // ctx.n_layers))
+        row_weight = (scale.view(ctx.n_layers, -1) * per_layer[:, None]).reshape(-1)
+        if ctx.native:
+            grad, grad_b = native.scaled_error_backward(error, row_weight.float().contiguous())
+        else:
+            grad = error * row_weight[:, None]
+            grad_b = grad.sum(0)
+        return grad, grad_b if ctx.needs_input_grad[1] else None, None, None, None, None
+
+
+def _fp32_native(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 for t in tensors) and native.usable(*tensors)
+
+
+def standardize(x: Tensor, eps: float, shift: Tensor | None = None) -> tuple[Standardized, Tensor, Tensor | None]:
+    """Per-token standardization of ``x [..., d]`` (std + ``eps``), and each token's squared norm
+    after centering.
+
+    Two-pass std through a norm: PyTorch's var/std kernels run ~10x slower on CPU. With ``shift``,
+    under bf16 autocast and with the C kernels, also ``bf16(z - shift)`` from the same pass (the
+    encoder's input, for ``topk_encode``'s ``x_low``), else None.
+    """
+    if x.dim() == 2 and x.dtype == torch.float32 and native.usable(x):
+        if shift is not None and not (gemm_dtype(x) == torch.bfloat16 and shift.dtype == x.dtype):
+            shift = None
+        z, mean, scale, sq_norm, low = native.standardize(x, eps, shift)
+        return Standardized(z, mean, scale), sq_norm, low
+    mean = x.mean(-1, keepdim=True)
+    centered = x - mean
+    sq_norm = torch.linalg.vector_norm(centered, dim=-1, keepdim=True).square_()
+    scale = sq_norm.sqrt().div_(math.sqrt(max(x.shape[-1] - 1, 1))).add_(eps)
+    return Standardized(centered.div_(scale), mean, scale), sq_norm, None
+
+
+def scaled_error(decoded: Tensor, b: Tensor, z: Tensor, scale: Tensor, x: Tensor, n_layers: int
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-layer MSE ``[L]`` of the raw-space reconstruction ``(decoded + b) * scale + mean`` of ``x``
+    (from the standardized ``z``), the error ``recon - x`` and ``recon`` (both detached)."""
+    return _ScaledError.apply(decoded, b, z, scale, x, n_layers)
+
+
+@torch.no_grad()
+def project_rows_(g: Tensor, w: Tensor) -> None:
+    """In place, ``g[f] -= <g[f], w[f]> w[f]`` for every row: removes from the decoder's gradient its
+    component along each (unit) decoder row."""
+    if g.dtype == w.dtype == torch.float32 and native.usable(g, w):
+        native.project_rows(g, w)
+    else:
+        g.addcmul_(w, torch.linalg.vecdot(g, w).unsqueeze(-1), value=-1)
 
 
 # ----------------------------------------------------------------------------- decode

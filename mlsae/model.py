@@ -7,28 +7,63 @@ de-standardized. A per-layer SAE (the paper's baseline) is the same module with 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
-from safetensors.torch import load_file
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-from mlsae import native
-from mlsae.kernels import TopK, gemm_dtype, sparse_decode, topk_encode
+from mlsae.kernels import Standardized, TopK, project_rows_, scaled_error, sparse_decode, standardize, topk_encode
 from mlsae.positions import PositionRule, rule_of
 from mlsae.utils import MLSAEError
 
 STD_EPS = 1e-5  # added to the per-token std, as in the reference
 
 
+@dataclass(kw_only=True)
+class SAEOptions:
+    """How an MLSAE learns and which positions it sees, beyond its size: declared once, for the
+    saved ``SAEConfig`` and for ``mlsae.train``'s flags (the reference's names)."""
+
+    auxk: int = 256
+    """Dead latents in the auxiliary TopK loss (0 disables AuxK)."""
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss."""
+    dead_tokens_threshold: int = 100_000
+    """A latent is dead once it has not fired for this many tokens (the reference: 10,000,000, for
+    runs of a billion tokens)."""
+    dead_threshold: float = 1e-3
+    """Activation above which a latent counts as having fired (also the L0 threshold)."""
+    standardize: bool = True
+    """Standardize each input vector over its features (and de-standardize the reconstruction)."""
+    skip_special_tokens: bool = PositionRule.skip_special_tokens
+    """Leave positions holding special tokens (BOS, EOS, PAD) out of the data (mlsae.positions)."""
+    skip_first: int = PositionRule.skip_first
+    """Leave the first positions of every sequence out of the data (1 = the attention sink; 0 = none)."""
+    max_norm_ratio: float | None = PositionRule.max_norm_ratio
+    """Also leave out positions whose norm at some layer exceeds this multiple of the layer's median
+    (None: off)."""
+
+    def __post_init__(self) -> None:
+        if self.auxk < 0:
+            raise MLSAEError(f"auxk must be 0 (off) or positive, got {self.auxk}")
+        rule_of(self)  # validates the position rule
+
+    @property
+    def positions(self) -> PositionRule:
+        """Which positions are left out of the data (the same rule everywhere the MLSAE is used)."""
+        return rule_of(self)
+
+    def sae_options(self) -> dict:
+        """These options alone, as keyword arguments (of ``SAEConfig``)."""
+        return {f.name: getattr(self, f.name) for f in fields(SAEOptions)}
+
+
 @dataclass
-class SAEConfig:
+class SAEConfig(SAEOptions):
     """What defines an MLSAE; saved as config.json beside model.safetensors."""
 
     n_inputs: int
@@ -37,22 +72,6 @@ class SAEConfig:
     """Number of latents (d_model x expansion factor)."""
     k: int = 32
     """Number of latents kept per vector (TopK)."""
-    auxk: int | None = 256
-    """Number of dead latents in the auxiliary TopK loss (None disables AuxK)."""
-    auxk_coef: float = 1 / 32
-    """Weight of the AuxK loss."""
-    dead_tokens_threshold: int = 10_000_000
-    """A latent is dead once it has not fired for this many tokens."""
-    dead_threshold: float = 1e-3
-    """Activation above which a latent counts as having fired (also the L0 threshold)."""
-    standardize: bool = True
-    """Standardize each input vector over its features (and de-standardize the reconstruction)."""
-    skip_special_tokens: bool = PositionRule.skip_special_tokens
-    """Leave positions holding special tokens (BOS, EOS, PAD) out of the data (mlsae.positions)."""
-    skip_first: int = PositionRule.skip_first
-    """Leave the first positions of every sequence out of the data (1 = the attention sink)."""
-    max_norm_ratio: float | None = PositionRule.max_norm_ratio
-    """Also leave out positions whose norm exceeds this multiple of the layer's median (None: off)."""
     n_layers: int = 1
     """Number of transformer layers it reads (dead-latent statistics are kept per layer)."""
     layers: list[int] | None = None
@@ -63,26 +82,13 @@ class SAEConfig:
     """Version of this config/weights layout (2: the position rule is recorded)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.n_inputs < 1 or self.n_latents < 1:
             raise MLSAEError(f"n_inputs and n_latents must be positive, got {self.n_inputs}, {self.n_latents}")
         if not 1 <= self.k <= self.n_latents:
             raise MLSAEError(f"k must be between 1 and the number of latents ({self.n_latents}), got {self.k}")
-        if self.auxk is not None and self.auxk < 1:
-            raise MLSAEError(f"auxk must be positive or None, got {self.auxk}")
         if self.layers is not None and len(self.layers) != self.n_layers:
             raise MLSAEError(f"layers {self.layers} does not match n_layers={self.n_layers}")
-        rule_of(self)  # validates the position rule
-
-    @property
-    def positions(self) -> PositionRule:
-        """Which positions are left out of the data (the same rule everywhere the MLSAE is used)."""
-        return rule_of(self)
-
-
-class Standardized(NamedTuple):
-    x: Tensor  # standardized input
-    mean: Tensor | float
-    scale: Tensor | float
 
 
 class Loss(NamedTuple):
@@ -118,7 +124,7 @@ class MLSAE(
     def standardize(self, x: Tensor) -> Standardized:
         if not self.config.standardize:
             return Standardized(x, 0.0, 1.0)
-        return _standardize(x)[0]
+        return standardize(x, STD_EPS)[0]
 
     def encode(self, x: Tensor) -> TopK:
         """Latents of raw input vectors ``[..., d]``: TopK values (after ReLU) and indices ``[..., k]``."""
@@ -153,19 +159,18 @@ class MLSAE(
         cfg = self.config
         L, N, d = x.shape
         x = x.float().reshape(L * N, d)
-        low = None
+        low = None  # the encoder's bf16 input, when the standardizing pass can make it too
         if cfg.standardize:
-            shift = self.b_pre.detach() if gemm_dtype(x) == torch.bfloat16 and self.b_pre.dtype == x.dtype else None
-            s, sq_norm, low = _standardize(x, shift)
+            s, sq_norm, low = standardize(x, STD_EPS, shift=self.b_pre.detach())
             scale, variance = s.scale, _layer_variance(s.mean, sq_norm, L, d)
         else:
             s, scale = Standardized(x, 0.0, 1.0), torch.ones(L * N, 1, device=x.device)
             variance = torch.stack([part.var(unbiased=False) for part in x.view(L, -1)])
         dead = self.dead_mask() if cfg.auxk else None
         use_aux = dead is not None and bool(dead.any())
-        topk, aux = topk_encode(s.x, self.W_enc, cfg.k, cfg.auxk or 0, dead if use_aux else None, b=self.b_pre,
+        topk, aux = topk_encode(s.x, self.W_enc, cfg.k, cfg.auxk, dead if use_aux else None, b=self.b_pre,
                                 x_low=low)
-        mse, error, recon = _ScaledError.apply(sparse_decode(topk, self.W_dec), self.b_pre, s.x, scale, x, L)
+        mse, error, recon = scaled_error(sparse_decode(topk, self.W_dec), self.b_pre, s.x, scale, x, L)
         fvu = mse / variance.clamp_min(1e-12)
         loss = fvu.mean()
         auxk_loss = torch.zeros((), device=x.device)
@@ -194,13 +199,8 @@ class MLSAE(
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
         """Remove the gradient component parallel to each (unit) decoder row, so steps rotate it."""
-        g, w = self.W_dec.grad, self.W_dec
-        if g is None:
-            return
-        if g.dtype == w.dtype == torch.float32 and native.usable(g, w):
-            native.project_rows(g, w)
-        else:
-            g.addcmul_(w, torch.linalg.vecdot(g, w).unsqueeze(-1), value=-1)
+        if self.W_dec.grad is not None:
+            project_rows_(self.W_dec.grad, self.W_dec)
 
     # ----- dead latents, counted in tokens -----
 
@@ -231,155 +231,9 @@ class MLSAE(
 
         Replaces the mixin's loader, which would fall back to unpickling ``pytorch_model.bin``.
         """
-        return load_folder(_resolve(str(pretrained_model_name_or_path), hub_kwargs), map_location)
+        from mlsae.formats import load
 
-
-def load_folder(folder: Path, map_location: str = "cpu") -> MLSAE:
-    """Load an MLSAE from a folder in this project's layout or either of the reference's layouts."""
-    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            raise MLSAEError(f"{p} not found: an MLSAE folder holds config.json and model.safetensors")
-    try:
-        raw = json.loads(config_path.read_text())
-        state = load_file(weights_path, device=str(map_location))
-    except Exception as e:  # JSON, I/O, and safetensors' own error types
-        raise MLSAEError(f"cannot read MLSAE weights in {folder}: {e}") from e
-    if "W_enc" in state:
-        known = {f.name for f in fields(SAEConfig)}
-        raw.setdefault("skip_first", 0)  # format 1 predates the rule: those MLSAEs saw position 0
-        model = MLSAE(SAEConfig(**{k: v for k, v in raw.items() if k in known}))
-        model.load_state_dict(state)
-    else:
-        model = _from_reference(raw, state)
-    return model.to(map_location).eval()
-
-
-def _from_reference(raw: dict, state: dict[str, Tensor]) -> MLSAE:
-    """Translate a checkpoint written by the reference implementation (plain or ``-tfm``)."""
-    prefix = "autoencoder." if "autoencoder.encoder.weight" in state else ""
-    if f"{prefix}encoder.weight" not in state:
-        raise MLSAEError(f"unrecognised MLSAE checkpoint: tensors {sorted(state)[:5]}...")
-    if raw.get("tuned_lens"):
-        raise MLSAEError("reference checkpoints trained with tuned-lens transforms are not supported")
-    W_enc = state[f"{prefix}encoder.weight"]
-    n_latents, n_inputs = W_enc.shape
-    layers = raw.get("layers")
-    n_layers = len(layers) if layers else _count_blocks(state) or 1
-    defaults = SAEConfig(n_inputs=n_inputs, n_latents=n_latents)
-    config = SAEConfig(
-        n_inputs=n_inputs,
-        n_latents=n_latents,
-        k=raw.get("k", defaults.k),
-        auxk=raw.get("auxk", defaults.auxk),
-        auxk_coef=raw.get("auxk_coef", defaults.auxk_coef),
-        dead_tokens_threshold=raw.get("dead_tokens_threshold", defaults.dead_tokens_threshold),
-        dead_threshold=raw.get("dead_threshold", defaults.dead_threshold),
-        standardize=raw.get("standardize", defaults.standardize),
-        skip_special_tokens=raw.get("skip_special_tokens", defaults.skip_special_tokens),
-        skip_first=0,  # the reference trains on every non-special position
-        n_layers=n_layers,
-        layers=list(layers) if layers else None,
-        model_name=raw.get("model_name"),
-    )
-    model = MLSAE(config)
-    with torch.no_grad():
-        model.W_enc.copy_(W_enc)
-        model.W_dec.copy_(state[f"{prefix}decoder.weight"].T)
-        model.b_pre.copy_(state[f"{prefix}pre_encoder_bias"])
-    return model
-
-
-def _count_blocks(state: dict[str, Tensor]) -> int:
-    """Number of transformer blocks in a ``-tfm`` checkpoint (``...layers.{i}.`` keys)."""
-    ids = {int(part) for key in state if key.startswith("transformer.")
-           for prev, part in zip(key.split("."), key.split(".")[1:]) if prev in ("layers", "h") and part.isdigit()}
-    return len(ids)
-
-
-def _resolve(model_id: str, hub_kwargs: dict) -> Path:
-    """A local folder as is; a hub repo id downloaded (config.json and model.safetensors only)."""
-    if os.path.isdir(model_id):
-        return Path(model_id)
-    allowed = ("revision", "cache_dir", "force_download", "token", "local_files_only")
-    opts = {k: v for k, v in hub_kwargs.items() if k in allowed}
-    try:
-        config = hf_hub_download(model_id, "config.json", **opts)
-        hf_hub_download(model_id, "model.safetensors", **opts)
-    except Exception as e:  # offline, unknown repo, no safetensors file (we never unpickle)
-        raise MLSAEError(f"cannot load MLSAE '{model_id}': not a local folder, and from the hub: {e}") from e
-    return Path(config).parent
-
-
-def sae_name(sae: str) -> str:
-    """``runs/default/mlsae-x-x8-k32/`` and ``owner/mlsae-x-x8-k32`` are both ``mlsae-x-x8-k32``."""
-    return Path(str(sae).rstrip("/")).name
-
-
-def mlsae_name(model_name: str, expansion_factor: int, k: int, *, tfm: bool = False, owner: str | None = None) -> str:
-    """Hub repo id in the reference's naming: ``[owner/]mlsae-{model}-x{ef}-k{k}[-tfm]``."""
-    name = f"mlsae-{model_name.rstrip('/').split('/')[-1]}-x{expansion_factor}-k{k}" + ("-tfm" if tfm else "")
-    return f"{owner}/{name}" if owner else name
-
-
-class _ScaledError(torch.autograd.Function):
-    """Per-layer MSE in the raw space, ``mean(((decoded + b - z) * scale)^2)``, from standardized tensors.
-
-    Returns the MSE [L], the raw-space error ``recon - x`` [M, d] and the reconstruction (both
-    detached, for AuxK and the caller); one [M, d] pass forward and one backward, where autograd
-    through the de-standardization would make about ten.
-    """
-
-    @staticmethod
-    def forward(ctx, decoded: Tensor, b: Tensor, z: Tensor, scale: Tensor, x: Tensor, n_layers: int):
-        ctx.native = _all_native(decoded, b, z, scale, x)
-        if ctx.native:
-            error, recon, per_row = native.scaled_error(decoded, b.detach(), z, scale, x)
-            mse = per_row.view(n_layers, -1).sum(1) / (error.numel() // n_layers)
-        else:
-            error = torch.add(decoded, b).sub_(z).mul_(scale)
-            recon = x + error
-            mse = torch.linalg.vector_norm(error.view(n_layers, -1), dim=1).square_() / (error.numel() // n_layers)
-        ctx.save_for_backward(error, scale)
-        ctx.mark_non_differentiable(error, recon)
-        ctx.set_materialize_grads(False)  # no [M, d] zeros for the two non-differentiable outputs
-        ctx.n_layers = n_layers
-        return mse, error, recon
-
-    @staticmethod
-    def backward(ctx, grad_mse: Tensor | None, _grad_error: None, _grad_recon: None):
-        if grad_mse is None:
-            return None, None, None, None, None, None
-        error, scale = ctx.saved_tensors
-        per_layer = grad_mse * (2 / (error.numel() // ctx.n_layers))
-        row_weight = (scale.view(ctx.n_layers, -1) * per_layer[:, None]).reshape(-1)
-        if ctx.native:
-            grad, grad_b = native.scaled_error_backward(error, row_weight.float().contiguous())
-        else:
-            grad = error * row_weight[:, None]
-            grad_b = grad.sum(0)
-        return grad, grad_b if ctx.needs_input_grad[1] else None, None, None, None, None
-
-
-def _all_native(*tensors: Tensor) -> bool:
-    return all(t.dtype == torch.float32 for t in tensors) and native.usable(*tensors)
-
-
-def _standardize(x: Tensor, shift: Tensor | None = None) -> tuple[Standardized, Tensor, Tensor | None]:
-    """Per-token standardization of ``x [..., d]``, and each token's squared norm after centering.
-
-    Two-pass std through a norm: PyTorch's var/std kernels run ~10x slower on CPU. With ``shift``
-    and the C kernels, also ``bf16(z - shift)`` from the same pass (the encoder's input under bf16
-    autocast), else None.
-    """
-    if x.dim() == 2 and x.dtype == torch.float32 and native.usable(x):
-        z, mean, scale, sq_norm, low = native.standardize(x, STD_EPS, shift)
-        return Standardized(z, mean, scale), sq_norm, low
-    mean = x.mean(-1, keepdim=True)
-    centered = x - mean
-    sq_norm = torch.linalg.vector_norm(centered, dim=-1, keepdim=True).square_()
-    scale = sq_norm.sqrt().div_(math.sqrt(max(x.shape[-1] - 1, 1))).add_(STD_EPS)
-    return Standardized(centered.div_(scale), mean, scale), sq_norm, None
+        return load(str(pretrained_model_name_or_path), map_location, **hub_kwargs)
 
 
 def _layer_variance(mean: Tensor, sq_norm: Tensor, n_layers: int, n_features: int) -> Tensor:

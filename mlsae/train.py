@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 from mlsae import native
 from mlsae.data import ChunkLoader, load_chunks
 from mlsae.fetch import DEFAULT_MODEL
-from mlsae.model import MLSAE, SAEConfig, mlsae_name
-from mlsae.positions import PositionRule, read_residuals, rule_of
+from mlsae.formats import mlsae_name
+from mlsae.model import MLSAE, SAEConfig, SAEOptions
+from mlsae.positions import read_residuals
 from mlsae.precision import autocast as precision_autocast
 from mlsae.precision import resolve as resolve_precision
 from mlsae.transformer import Transformer, load_transformer
@@ -42,7 +43,7 @@ from mlsae.utils import MLSAEError, atomic_write_text, run_cli
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SAEOptions):
     """Options of ``python -m mlsae.train`` (lists of expansion factors and k train a sweep).
 
     The defaults are the embedded default profile (SmolLM2 + Brown, minutes on a 2-core CPU);
@@ -55,28 +56,12 @@ class TrainConfig:
     """Latents per input dimension; several values train a sweep."""
     k: list[int] = flag(default_factory=lambda: [SAEConfig.k], alias="-k")
     """Latents kept per vector (TopK); several values train a sweep."""
-    auxk: int = SAEConfig.auxk
-    """Dead latents in the AuxK loss (0 disables it)."""
-    auxk_coef: float = SAEConfig.auxk_coef
-    """Weight of the AuxK loss."""
-    dead_tokens_threshold: int = 100_000
-    """A latent is dead after this many tokens without firing."""
-    dead_threshold: float = SAEConfig.dead_threshold
-    """Activation above which a latent has fired."""
     lr: float = 2e-3
     """Peak Adam learning rate (betas (0.9, 0.999), eps 6.25e-10; the paper used 1e-4 for 1B tokens)."""
     warmup_steps: int = 64
     """Steps of linear learning-rate warm-up from 0 to lr."""
     lr_schedule: str = flag(default="linear", choices=["constant", "linear", "cosine"])
     """After the warm-up: constant, or a linear or cosine decay to 0 at the last step."""
-    standardize: bool = SAEConfig.standardize
-    """Standardize each residual vector over its features."""
-    skip_special_tokens: bool = SAEConfig.skip_special_tokens
-    """Leave out positions holding special tokens (BOS/EOS/PAD)."""
-    skip_first: int = SAEConfig.skip_first
-    """Leave out the first positions of every sequence (1 = the attention sink; 0 = none)."""
-    max_norm_ratio: float | None = SAEConfig.max_norm_ratio
-    """Also leave out positions whose norm at some layer exceeds this multiple of its median."""
     path: str = "brown"
     """Training data: a .jsonl[.zst] file, a folder of splits, 'brown', or a hub dataset id."""
     max_length: int = 256
@@ -106,6 +91,9 @@ class TrainConfig:
     """Continue from the checkpoint in out_dir (which must come from the same options)."""
     wandb: bool = False
     """Also log to Weights & Biases (set WANDB_MODE=offline to log without a network)."""
+    malloc_tuning: bool = True
+    """Keep freed memory in glibc's heap instead of page-faulting it back every step (process-wide:
+    the command line applies it before training; a library call of train() leaves the process alone)."""
 
     def __post_init__(self) -> None:
         if self.tokens_per_step % (self.batch_size * self.max_length):
@@ -120,11 +108,7 @@ class TrainConfig:
             raise MLSAEError("--expansion_factor and -k must be positive")
         if self.warmup_steps < 0:
             raise MLSAEError(f"--warmup_steps must be 0 or more, got {self.warmup_steps}")
-        rule_of(self)  # validates the position rule
-
-    @property
-    def positions(self) -> PositionRule:
-        return rule_of(self)
+        super().__post_init__()
 
     @property
     def steps(self) -> int:
@@ -146,7 +130,7 @@ class TrainConfig:
 
 
 # Options that may differ between a run and its resumption.
-RESUMABLE = {"resume", "wandb", "log_every", "checkpoint_every", "device", "out_dir"}
+RESUMABLE = {"resume", "wandb", "log_every", "checkpoint_every", "device", "out_dir", "malloc_tuning"}
 
 
 @dataclass
@@ -211,22 +195,8 @@ def make_runs(cfg: TrainConfig, d_model: int, layers: list[int], device: torch.d
     runs = []
     for ef, k in cfg.sweep():
         torch.manual_seed(cfg.seed)  # every run of a sweep starts as its solo run would
-        sae_cfg = SAEConfig(
-            n_inputs=d_model,
-            n_latents=d_model * ef,
-            k=k,
-            auxk=cfg.auxk or None,
-            auxk_coef=cfg.auxk_coef,
-            dead_tokens_threshold=cfg.dead_tokens_threshold,
-            dead_threshold=cfg.dead_threshold,
-            standardize=cfg.standardize,
-            skip_special_tokens=cfg.skip_special_tokens,
-            skip_first=cfg.skip_first,
-            max_norm_ratio=cfg.max_norm_ratio,
-            n_layers=len(layers),
-            layers=layers,
-            model_name=cfg.model_name,
-        )
+        sae_cfg = SAEConfig(n_inputs=d_model, n_latents=d_model * ef, k=k, n_layers=len(layers), layers=layers,
+                            model_name=cfg.model_name, **cfg.sae_options())
         sae = MLSAE(sae_cfg).to(device).train()
         # fused: one pass over each parameter instead of ~10 (5x faster on a CPU; one kernel on a GPU)
         optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10, fused=True)
@@ -399,7 +369,6 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
 
 def train(cfg: TrainConfig) -> list[Path]:
     """Train every MLSAE of the sweep; returns the folders of the trained models."""
-    native.tune_malloc()  # keep freed memory rather than page-fault it back on every step
     device = pick_device(cfg.device)
     rank, world = init_distributed(device)
     if cfg.tokens_per_step % (cfg.batch_size * cfg.max_length * world):
@@ -515,6 +484,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    if cfg.malloc_tuning:
+        native.tune_malloc()
     for path in train(cfg):
         print(path)
 

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from mlsae.metrics import DownstreamMetrics, ReconstructionMetrics, cross_entropy, fvu, kl_div
-from mlsae.model import MLSAE, SAEConfig, geometric_median, mlsae_name
+from mlsae.formats import mlsae_name
+from mlsae.model import MLSAE, SAEConfig, geometric_median
 from mlsae.positions import PositionRule
 from mlsae.utils import MLSAEError
 
@@ -200,6 +201,20 @@ def test_impossible_configs():
         SAEConfig(n_inputs=4, n_latents=8, k=9)
     with pytest.raises(MLSAEError):
         SAEConfig(n_inputs=4, n_latents=8, k=2, n_layers=2, layers=[0])
+    with pytest.raises(MLSAEError, match="auxk"):
+        SAEConfig(n_inputs=4, n_latents=8, k=2, auxk=-1)
+
+
+def test_sae_options_are_declared_once():
+    """mlsae.train's SAE flags are the saved config's fields, with the same defaults."""
+    from dataclasses import fields
+
+    from mlsae.model import SAEOptions
+    from mlsae.train import TrainConfig
+
+    names = {f.name for f in fields(SAEOptions)}
+    assert names <= {f.name for f in fields(TrainConfig)} and names <= {f.name for f in fields(SAEConfig)}
+    assert TrainConfig().sae_options() == SAEConfig(n_inputs=4, n_latents=64).sae_options() == SAEOptions().sae_options()
 
 
 # ----- formats
@@ -265,8 +280,9 @@ def test_position_rule_is_recorded_and_old_configs_keep_theirs(tmp_path):
     config = json.loads((tmp_path / "old" / "config.json").read_text())
     for key in ("skip_first", "max_norm_ratio", "skip_special_tokens"):
         del config[key]
-    (tmp_path / "old" / "config.json").write_text(json.dumps({**config, "format_version": 1}))
-    assert MLSAE.from_pretrained(tmp_path / "old").config.positions == PositionRule(True, 0, None)
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**config, "format_version": 1, "auxk": None}))
+    old = MLSAE.from_pretrained(tmp_path / "old").config
+    assert old.positions == PositionRule(True, 0, None) and old.auxk == 0  # null meant off
     with pytest.raises(MLSAEError, match="skip_first"):
         SAEConfig(n_inputs=4, n_latents=8, k=2, skip_first=-1)
     with pytest.raises(MLSAEError, match="max_norm_ratio"):
@@ -302,6 +318,7 @@ def test_mlsae_name():
     assert mlsae_name("EleutherAI/pythia-70m-deduped", 64, 32) == "mlsae-pythia-70m-deduped-x64-k32"
     assert mlsae_name("EleutherAI/pythia-70m-deduped", 64, 32, tfm=True, owner="me") == \
         "me/mlsae-pythia-70m-deduped-x64-k32-tfm"
+    assert mlsae_name("embedded:SmolLM2-135M-Instruct", 8, 32) == "mlsae-SmolLM2-135M-Instruct-x8-k32"
 
 
 @pytest.mark.gpu

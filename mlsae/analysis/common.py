@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 import torch
 from simple_parsing import ArgumentParser
 
-from mlsae.model import MLSAE, sae_name
-from mlsae.precision import PRECISIONS
+from mlsae.data import DataOptions
+from mlsae.formats import sae_name
+from mlsae.model import MLSAE
 from mlsae.train import pick_device
 from mlsae.transformer import Transformer, transformer_for
 from mlsae.utils import MLSAEError, atomic_write_text, sae_option
@@ -21,34 +22,7 @@ C = TypeVar("C")
 
 
 @dataclass
-class DataOptions:
-    """Held-out data and how the pass runs over it."""
-
-    path: str = "brown"
-    """Held-out data: a .jsonl[.zst] file, a folder of splits, 'brown', or a hub dataset id."""
-    split: str = "test"
-    """Split of the data."""
-    max_length: int = 256
-    """Tokens per sequence."""
-    batch_size: int = 4
-    """Sequences per forward pass."""
-    max_tokens: int = 65_536
-    """Tokens to read (the positions that the MLSAE's position rule leaves out are then ignored)."""
-    precision: str = "auto"
-    """Autocast precision of the transformer and the encoder product (auto, bf16 or fp32; mlsae.precision)."""
-    device: str = "auto"
-    """cpu, cuda, or auto."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_length", "batch_size", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise MLSAEError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.precision not in ("auto", *PRECISIONS):
-            raise MLSAEError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
-
-
-@dataclass
-class SAEOptions:
+class PassOptions:
     """An MLSAE, its transformer, held-out data and where the results go."""
 
     sae: str = sae_option()

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from mlsae.analysis.common import SAEOptions, config_dict, parse, write_json
+from mlsae.analysis.common import PassOptions, config_dict, parse, write_json
 from mlsae.analysis.stream import Batch, prepare, stream
 from mlsae.utils import MLSAEError, atomic_path, run_cli
 
@@ -166,7 +166,7 @@ def _stats(x: Tensor) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse(SAEOptions, argv, __doc__.split("\n\n")[0])
+    cfg = parse(PassOptions, argv, __doc__.split("\n\n")[0])
     p = prepare(cfg)
     acc = DistsAccumulator(p.n_layers, p.n_latents, p.sae.config.dead_threshold, p.device)
     info = stream(p, [acc], cfg.data, desc="dists")

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from mlsae.analysis.common import SAEOptions, config_dict, parse
+from mlsae.analysis.common import PassOptions, config_dict, parse
 from mlsae.analysis.stream import Batch, prepare, stream
 from mlsae.transformer import load_tokenizer
 from mlsae.utils import MLSAEError, atomic_path, run_cli
@@ -245,7 +245,7 @@ def load_examples(folder: str | Path, tokenizer=None) -> Examples:
 
 
 @dataclass
-class ExamplesOptions(SAEOptions):
+class ExamplesOptions(PassOptions):
     n_examples: int = 32
     """Examples kept per (latent, layer)."""
     n_tokens: int = 4
@@ -262,7 +262,7 @@ def make(p, cfg: ExamplesOptions) -> TopExamples:
     return TopExamples(p.n_layers, p.n_latents, cfg.n_examples, cfg.n_tokens, p.sae.config.dead_threshold, p.device)
 
 
-def meta(p, cfg: SAEOptions, info: dict) -> dict:
+def meta(p, cfg: PassOptions, info: dict) -> dict:
     return {"sae": cfg.sae, "model_name": cfg.model_name or p.sae.config.model_name or p.transformer.name,
             "tokens": info["tokens"], "config": config_dict(cfg), "pass": info}
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mlsae.analysis.common import DataOptions, SAEOptions, load_pair
+from mlsae.analysis.common import DataOptions, PassOptions, load_pair
 from mlsae.data import load_chunks
 from mlsae.kernels import TopK
 from mlsae.model import MLSAE
@@ -63,7 +63,7 @@ class Pass:
         return self.transformer.device
 
 
-def prepare(cfg: SAEOptions) -> Pass:
+def prepare(cfg: PassOptions) -> Pass:
     sae, transformer, layers = load_pair(cfg.sae, cfg.model_name, cfg.data.device)
     d = cfg.data
     chunks = load_chunks(d.path, d.split, transformer.tokenizer, d.max_length, max_tokens=d.max_tokens)

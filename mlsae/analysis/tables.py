@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mlsae.analysis.common import parse, sae_name
+from mlsae.analysis.common import parse
+from mlsae.formats import sae_name
 from mlsae.utils import MLSAEError, atomic_path, run_cli
 
 NAME = re.compile(r"^mlsae-(?P<model>.+)-x(?P<ef>\d+)-k(?P<k>\d+)(?:-tfm)?$")

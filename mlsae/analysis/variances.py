@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from mlsae.analysis.common import SAEOptions, config_dict, parse, write_json
+from mlsae.analysis.common import PassOptions, config_dict, parse, write_json
 from mlsae.analysis.stream import Batch, prepare, stream
 from mlsae.utils import atomic_path, run_cli
 
@@ -155,7 +155,7 @@ def _ratio(a: float, b: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse(SAEOptions, argv, __doc__.split("\n\n")[0])
+    cfg = parse(PassOptions, argv, __doc__.split("\n\n")[0])
     p = prepare(cfg)
     acc = VariancesAccumulator(p.n_layers, p.n_latents, p.device)
     info = stream(p, [acc], cfg.data, desc="variances")

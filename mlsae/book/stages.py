@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mlsae.model import mlsae_name, sae_name
+from mlsae import native
+from mlsae.formats import mlsae_name, sae_name
 from mlsae.train import RESUMABLE, TrainConfig, train
 from mlsae.utils import MLSAEError, atomic_write_text
 
@@ -28,12 +29,12 @@ from mlsae.book.profile import EvalConfig
 # The modules whose code decides each cached stage's results: a change to any of them recomputes
 # the stage (training is keyed on its options only: delete runs/<profile> to retrain after
 # changing the training code).
-EVAL_CODE = ("mlsae.evaluate", "mlsae.metrics", "mlsae.positions", "mlsae.model", "mlsae.kernels", "mlsae.transformer", "mlsae.data")
+EVAL_CODE = ("mlsae.evaluate", "mlsae.metrics", "mlsae.positions", "mlsae.model", "mlsae.formats", "mlsae.kernels", "mlsae.transformer", "mlsae.data")
 PASS_CODE = ("mlsae.analysis.run", "mlsae.analysis.stream", "mlsae.positions", "mlsae.analysis.dists", "mlsae.analysis.variances",
-             "mlsae.analysis.examples", "mlsae.analysis.common", "mlsae.model", "mlsae.kernels", "mlsae.transformer",
+             "mlsae.analysis.examples", "mlsae.analysis.common", "mlsae.model", "mlsae.formats", "mlsae.kernels", "mlsae.transformer",
              "mlsae.data")
 RESID_CODE = ("mlsae.analysis.resid", "mlsae.analysis.common", "mlsae.positions", "mlsae.metrics", "mlsae.transformer", "mlsae.data")
-DECODER_CODE = ("mlsae.analysis.decoder", "mlsae.analysis.dists", "mlsae.model", "mlsae.transformer")
+DECODER_CODE = ("mlsae.analysis.decoder", "mlsae.analysis.dists", "mlsae.model", "mlsae.formats", "mlsae.transformer")
 
 
 def code_digest(modules: tuple[str, ...]) -> str:
@@ -114,6 +115,8 @@ def ensure_trained(cfg: TrainConfig, *, retrain_stale: bool = True) -> tuple[lis
             raise MLSAEError(f"{cfg.out_dir} holds a run made with other options; remove it or choose another folder")
         _remove_stale(cfg)
     if status != "done":
+        if cfg.malloc_tuning:
+            native.tune_malloc()  # as the training command line does (the book runs in its own process)
         train(replace(cfg, resume=status == "partial"))
     return run_dirs(cfg), {"status": status, "seconds": time.perf_counter() - start}
 
