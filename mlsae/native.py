@@ -4,7 +4,10 @@ PyTorch's CPU ``topk`` costs about 2 ns per pre-activation, as much as the bf16 
 product itself, and its sparse products sort and allocate; these few C loops do the sparse
 parts of a TopK step at memory speed. They are built with the system C compiler
 (``cc -O3 -march=native -fopenmp``) into a per-machine cache and loaded with ctypes, so no
-build step or extra package is needed. Without a compiler, or with ``MLSAE_NATIVE=0``,
+build step or extra package is needed. Every call goes through ``Kernel``, which reads the
+function's prototype from the C source and checks each tensor's dtype, device and layout
+against it (a TypeError, not a crash, on a mismatch); the wrappers below derive the sizes they
+pass from the tensors themselves. Without a compiler, or with ``MLSAE_NATIVE=0``,
 ``lib()`` returns None and mlsae.kernels uses its pure PyTorch path (same results).
 """
 
@@ -15,10 +18,12 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,19 +34,78 @@ from mlsae.utils import cache_dir
 SOURCE = Path(__file__).parent / "csrc" / "sparse_kernels.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
-_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-SIGNATURES = {
-    "mlsae_topk_block": ([_P, _INT, _I64, _I64, _I64, _I64, _I64, _I64, _INT, _P, _P, _P, _P, _INT], _I64),
-    "mlsae_topk_finish": ([_P, _P, _P, _I64, _I64, _INT, _P, _P, _INT], None),
-    "mlsae_rescore": ([_P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _INT], _I64),
-    "mlsae_scatter_rows": ([_P, _P, _P, _INT, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT], None),
-    "mlsae_decode_backward": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT], None),
-    "mlsae_project_rows": ([_P, _P, _I64, _I64, _INT], None),
-    "mlsae_standardize": ([_P, _I64, _I64, ctypes.c_float, _P, _P, _P, _P, _P, _P, _INT], None),
-    "mlsae_scaled_error": ([_P, _P, _P, _P, _P, _I64, _I64, _P, _P, _P, _INT], None),
-    "mlsae_scaled_error_backward": ([_P, _P, _I64, _I64, _P, _P, _P, _INT], None),
-    "mlsae_gather_dot": ([_P, _P, _P, _I64, _I64, _I64, _P, _INT], None),
-}
+# The C types of the kernels' parameters: what a tensor passed for a pointer must hold.
+POINTEE = {"float": (torch.float32,), "int64_t": (torch.int64,), "uint16_t": (torch.bfloat16,),
+           "uint8_t": (torch.uint8,), "void": (torch.float32, torch.bfloat16)}
+SCALARS = {"float": ctypes.c_float, "int": ctypes.c_int, "int64_t": ctypes.c_int64}
+RETURNS = {"void": None, "int64_t": ctypes.c_int64}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    ctype: str  # without const
+    pointer: bool
+
+
+def prototypes(source: str) -> dict[str, tuple[list[Param], str]]:
+    """Every exported ``mlsae_*`` function of the C source: its parameters and return type, read
+    from the source itself, so that the Python side has no hand-kept table to fall out of step."""
+    out = {}
+    for ret, name, args in re.findall(r"^(void|int64_t)\s+(mlsae_\w+)\(([^)]*)\)", source, re.M):
+        params = []
+        for arg in args.split(","):
+            m = re.fullmatch(r"(\w+)\s*(\*?)\s*(\w+)", " ".join(arg.replace("const", " ").split()))
+            if m is None:
+                raise RuntimeError(f"cannot read the parameter {arg.strip()!r} of {name}")
+            params.append(Param(m[3], m[1], bool(m[2])))
+        out[name] = (params, ret)
+    return out
+
+
+class Kernel:
+    """One C function behind a checked call: tensors for pointers (dtype, CPU, layout checked
+    against the prototype, a TypeError on a mismatch instead of a crash), numbers for scalars."""
+
+    def __init__(self, fn, name: str, params: list[Param], ret: str):
+        self.name, self.params = name, params
+        fn.argtypes = [ctypes.c_void_p if p.pointer else SCALARS[p.ctype] for p in params]
+        fn.restype = RETURNS[ret]
+        self.fn = fn
+
+    def __call__(self, *args):
+        if len(args) != len(self.params):
+            raise TypeError(f"{self.name} takes {len(self.params)} arguments, got {len(args)}")
+        return self.fn(*(self._arg(p, a) for p, a in zip(self.params, args)))
+
+    def _arg(self, p: Param, a):
+        if not p.pointer:
+            return a
+        if a is None:
+            return None
+        where = f"{self.name}({p.name})"
+        if not isinstance(a, Tensor) or a.device.type != "cpu":
+            raise TypeError(f"{where}: expected a CPU tensor, got {type(a).__name__}")
+        if a.dtype not in POINTEE[p.ctype]:
+            raise TypeError(f"{where}: expected {' or '.join(map(str, POINTEE[p.ctype]))}, got {a.dtype}")
+        # "tile" is read with its own row stride; everything else must be one dense block
+        if not (a.stride(-1) == 1 if p.name == "tile" else a.is_contiguous()):
+            raise TypeError(f"{where}: expected a contiguous tensor")
+        return a.data_ptr()
+
+
+class Library:
+    """The loaded kernels, by name (``lib().mlsae_topk_block(...)``)."""
+
+    def __init__(self, handle: ctypes.CDLL, source: str):
+        self.kernels = {name: Kernel(getattr(handle, name), name, params, ret)
+                        for name, (params, ret) in prototypes(source).items()}
+
+    def __getattr__(self, name: str) -> Kernel:
+        try:
+            return self.kernels[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def enabled() -> bool:
@@ -49,7 +113,7 @@ def enabled() -> bool:
 
 
 @functools.cache
-def lib() -> ctypes.CDLL | None:
+def lib() -> Library | None:
     """The compiled kernels, or None (disabled, not x86/ARM Linux/macOS, or no working compiler)."""
     if not enabled() or not SOURCE.is_file():
         return None
@@ -58,10 +122,7 @@ def lib() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         warnings.warn(f"mlsae: native CPU kernels unavailable, using PyTorch ops ({e})", stacklevel=2)
         return None
-    for name, (args, res) in SIGNATURES.items():
-        fn = getattr(handle, name)
-        fn.argtypes, fn.restype = args, res
-    return handle
+    return Library(handle, SOURCE.read_text())
 
 
 def _build() -> Path:
@@ -117,10 +178,6 @@ def tune_malloc() -> bool:
         return False
 
 
-def _ptr(t: Tensor) -> int:
-    return t.data_ptr()
-
-
 def _threads() -> int:
     return torch.get_num_threads()
 
@@ -162,8 +219,8 @@ class TopKState:
         groups = max(2 * k, min(cols // 128, 16 * k))  # tighter threshold vs longer select: best on AVX-512
         first = col0 == 0
         return lib().mlsae_topk_block(
-            _ptr(tile), int(tile.dtype == torch.bfloat16), n, cols, tile.stride(0), col0, k, groups, int(first),
-            _ptr(self.values[rows]), _ptr(self.indices[rows]), _ptr(self.pending[rows]), _ptr(self.threshold[rows]),
+            tile, int(tile.dtype == torch.bfloat16), n, cols, tile.stride(0), col0, k, groups, int(first),
+            self.values[rows], self.indices[rows], self.pending[rows], self.threshold[rows],
             _threads(),
         )
 
@@ -172,8 +229,8 @@ class TopKState:
         n, k = self.values.shape[0], self.k
         values = torch.empty(n, k, dtype=torch.float32)
         indices = torch.empty(n, k, dtype=torch.int64)
-        lib().mlsae_topk_finish(_ptr(self.values), _ptr(self.indices), _ptr(self.pending), n, k, int(relu),
-                                _ptr(values), _ptr(indices), _threads())
+        lib().mlsae_topk_finish(self.values, self.indices, self.pending, n, k, int(relu),
+                                values, indices, _threads())
         return values, indices
 
 
@@ -189,8 +246,8 @@ def rescore(values: Tensor, indices: Tensor, k: int, n_latents: int, error: Tens
     out_v = torch.empty(n, k, dtype=torch.float32)
     out_i = torch.empty(n, k, dtype=torch.int64)
     flag = torch.empty(n, dtype=torch.uint8)
-    lib().mlsae_rescore(_ptr(values), _ptr(indices), n, K, k, n_latents, _ptr(error), _ptr(u), _ptr(W), u.shape[1],
-                        _ptr(out_v), _ptr(out_i), _ptr(flag), _threads())
+    lib().mlsae_rescore(values, indices, n, K, k, n_latents, error, u, W, u.shape[1],
+                        out_v, out_i, flag, _threads())
     return out_v, out_i, flag.bool()
 
 
@@ -234,9 +291,9 @@ def scatter_rows(w: Tensor, indices: Tensor, X: Tensor, n_rows: int, with_sum: b
     else:
         rows, entry, start = buckets
     lib().mlsae_scatter_rows(
-        _ptr(w), _ptr(indices), _ptr(X), int(X.dtype == torch.bfloat16), _ptr(shift) if shift is not None else None,
-        n, k, d, n_rows, _ptr(out), _ptr(wsum) if with_sum else None, _ptr(rows), _ptr(weights), _ptr(start),
-        _ptr(entry) if entry is not None else None, _threads(),
+        w, indices, X, int(X.dtype == torch.bfloat16), shift,
+        n, k, d, n_rows, out, wsum, rows, weights, start,
+        entry, _threads(),
     )
     return out, wsum
 
@@ -251,8 +308,8 @@ def decode_backward(values: Tensor, indices: Tensor, grad_out: Tensor, W: Tensor
     weights = torch.empty(n * k, dtype=torch.float32)
     start = torch.empty(n_rows + 1, dtype=torch.int64)
     lib().mlsae_decode_backward(
-        _ptr(values), _ptr(indices), _ptr(grad_out), _ptr(W), n, k, d, n_rows, _ptr(grad_W), _ptr(grad_v),
-        _ptr(rows), _ptr(weights), _ptr(entry), _ptr(start), _threads(),
+        values, indices, grad_out, W, n, k, d, n_rows, grad_W, grad_v,
+        rows, weights, entry, start, _threads(),
     )
     _Buckets.keep(indices, n_rows, rows, entry, start)
     return grad_W, grad_v
@@ -262,13 +319,13 @@ def gather_dot(indices: Tensor, W: Tensor, G: Tensor) -> Tensor:
     """``out[i, j] = <W[indices[i, j]], G[i]>``."""
     n, k = indices.shape
     out = torch.empty(n, k, dtype=torch.float32)
-    lib().mlsae_gather_dot(_ptr(indices), _ptr(W), _ptr(G), n, k, W.shape[1], _ptr(out), _threads())
+    lib().mlsae_gather_dot(indices, W, G, n, k, W.shape[1], out, _threads())
     return out
 
 
 def project_rows(g: Tensor, w: Tensor) -> None:
     """In place: ``g[f] -= <g[f], w[f]> * w[f]`` for every row f."""
-    lib().mlsae_project_rows(_ptr(g), _ptr(w), g.shape[0], g.shape[1], _threads())
+    lib().mlsae_project_rows(g, w, g.shape[0], g.shape[1], _threads())
 
 
 def standardize(x: Tensor, eps: float, shift: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
@@ -278,8 +335,8 @@ def standardize(x: Tensor, eps: float, shift: Tensor | None = None) -> tuple[Ten
     z = torch.empty_like(x)
     mean, scale, sq_norm = torch.empty(3, n, 1)
     low = torch.empty(n, d, dtype=torch.bfloat16) if shift is not None else None
-    lib().mlsae_standardize(_ptr(x), n, d, eps, _ptr(z), _ptr(mean), _ptr(scale), _ptr(sq_norm),
-                            _ptr(shift) if shift is not None else None, _ptr(low) if low is not None else None,
+    lib().mlsae_standardize(x, n, d, eps, z, mean, scale, sq_norm,
+                            shift, low,
                             _threads())
     return z, mean, scale, sq_norm, low
 
@@ -290,8 +347,8 @@ def scaled_error(decoded: Tensor, b: Tensor, z: Tensor, scale: Tensor, x: Tensor
     err = torch.empty_like(z)
     recon = torch.empty_like(z)
     sq = torch.empty(n)
-    lib().mlsae_scaled_error(_ptr(decoded), _ptr(b), _ptr(z), _ptr(scale), _ptr(x), n, d, _ptr(err), _ptr(recon),
-                             _ptr(sq), _threads())
+    lib().mlsae_scaled_error(decoded, b, z, scale, x, n, d, err, recon,
+                             sq, _threads())
     return err, recon, sq
 
 
@@ -302,5 +359,5 @@ def scaled_error_backward(err: Tensor, row_weight: Tensor) -> tuple[Tensor, Tens
     grad = torch.empty_like(err)
     grad_b = torch.empty(d)
     partial = torch.empty(threads, d)
-    lib().mlsae_scaled_error_backward(_ptr(err), _ptr(row_weight), n, d, _ptr(grad), _ptr(grad_b), _ptr(partial), threads)
+    lib().mlsae_scaled_error_backward(err, row_weight, n, d, grad, grad_b, partial, threads)
     return grad, grad_b

@@ -476,3 +476,34 @@ def test_native_kernels_build_where_a_compiler_is():
     """The skips above are for machines without a C compiler; CI has one, so the fast path is tested."""
     if native.enabled() and (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
         assert native.lib() is not None
+
+
+def test_native_signatures_come_from_the_source():
+    """The Python side reads each kernel's parameters from the C source: every exported function is
+    found and typed, and the parser refuses a parameter it cannot read."""
+    protos = native.prototypes(native.SOURCE.read_text())
+    assert {"mlsae_topk_block", "mlsae_scatter_rows", "mlsae_decode_backward", "mlsae_standardize"} <= set(protos)
+    params, ret = protos["mlsae_project_rows"]
+    assert [(p.name, p.ctype, p.pointer) for p in params] == [
+        ("g", "float", True), ("w", "float", True), ("F", "int64_t", False), ("d", "int64_t", False),
+        ("nthreads", "int", False)] and ret == "void"
+    with pytest.raises(RuntimeError, match="cannot read"):
+        native.prototypes("void mlsae_bad(float x[4]) {}")
+
+
+@native_only
+def test_native_calls_are_checked():
+    """A wrong dtype, layout, device or argument count is a TypeError naming the kernel and the
+    parameter, never a crash or a silent misread."""
+    g, w = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(TypeError, match=r"mlsae_project_rows\(w\): expected torch.float32, got torch.float64"):
+        native.lib().mlsae_project_rows(g, w.double(), 4, 8, 1)
+    with pytest.raises(TypeError, match=r"mlsae_project_rows\(g\): expected a contiguous tensor"):
+        native.lib().mlsae_project_rows(torch.randn(8, 4).T, w, 4, 8, 1)
+    with pytest.raises(TypeError, match="expected a CPU tensor, got list"):
+        native.lib().mlsae_project_rows([0.0], w, 4, 8, 1)
+    with pytest.raises(TypeError, match="takes 5 arguments, got 4"):
+        native.lib().mlsae_project_rows(g, w, 4, 8)
+    expected = g - (g * w).sum(-1, keepdim=True) * w
+    native.lib().mlsae_project_rows(g, w, 4, 8, 1)
+    torch.testing.assert_close(g, expected)
