@@ -94,7 +94,7 @@ class SAEConfig(SAEOptions):
 class Loss(NamedTuple):
     loss: Tensor  # the objective: mean over layers of FVU, plus the weighted AuxK loss
     fvu: Tensor  # [L] per-layer fraction of variance unexplained in this batch (detached)
-    auxk: Tensor  # AuxK loss before its coefficient (differentiable, for tests)
+    auxk_loss: Tensor  # AuxK loss before its coefficient (differentiable, for tests)
     topk: TopK  # [L, N, k]
     recon: Tensor  # [L, N, d] (detached)
 

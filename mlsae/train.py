@@ -321,7 +321,7 @@ def train_step(
                 out = run.loss(x, sync=i == n_micro - 1)
             (out.loss / n_micro).backward()
             l0 = (out.topk.values > cfg.dead_threshold).sum(-1).float().mean()
-            sc += torch.stack([out.loss.detach(), out.auxk.detach(), l0]).double() / n_micro
+            sc += torch.stack([out.loss.detach(), out.auxk_loss.detach(), l0]).double() / n_micro
             fvu += out.fvu / n_micro
             fi |= run.sae.fired(out.topk)
     n_tokens = int(all_reduce(n_tokens))

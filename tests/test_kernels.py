@@ -439,9 +439,9 @@ def test_loss_matches_naive_dense_loss(path, standardize, with_aux):
     want = grads(loss, ref_sae.W_enc, ref_sae.W_dec, ref_sae.b_pre)
     close(out.loss, loss)
     close(out.fvu, fvu.detach())
-    close(out.auxk.detach(), auxk.detach())
+    close(out.auxk_loss.detach(), auxk.detach())
     close(out.recon, recon.detach())
-    assert (out.auxk > 0) == with_aux
+    assert (out.auxk_loss > 0) == with_aux
     for a, b in zip(got, want):
         close(a, b)
 

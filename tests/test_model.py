@@ -138,8 +138,8 @@ def test_auxk_gradient_reaches_encoder_only_through_dead_latents():
         sae.tokens_since_fired[0, 20] = 100  # dead at layer 0 only: alive overall
     assert sae.dead_mask().sum() == 20
     out = sae.loss(x)
-    assert out.auxk > 0
-    (g,) = torch.autograd.grad(out.auxk, sae.W_enc)
+    assert out.auxk_loss > 0
+    (g,) = torch.autograd.grad(out.auxk_loss, sae.W_enc)
     assert g[:20].abs().sum() > 0
     assert g[20:].abs().sum() == 0
 
@@ -147,7 +147,7 @@ def test_auxk_gradient_reaches_encoder_only_through_dead_latents():
 def test_no_auxk_without_dead_latents():
     sae = make()
     out = sae.loss(torch.randn(2, 8, 16))
-    assert out.auxk == 0
+    assert out.auxk_loss == 0
     torch.testing.assert_close(out.loss, out.fvu.mean())
 
 
@@ -329,7 +329,7 @@ def test_cuda_loss_and_gradients_match_cpu():
     gpu.load_state_dict(cpu.state_dict())  # the silence counters are a buffer: copied too
     x = torch.randn(3, 200, 64) * 4 + 1
     want, got = cpu.loss(x), gpu.loss(x.cuda())
-    assert float(want.auxk) > 0
+    assert float(want.auxk_loss) > 0
     want.loss.backward()
     got.loss.backward()
     torch.testing.assert_close(got.loss.cpu(), want.loss, rtol=1e-4, atol=1e-5)
