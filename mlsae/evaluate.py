@@ -17,8 +17,8 @@ from simple_parsing import ArgumentParser
 from tqdm.auto import tqdm
 
 from mlsae.data import DataOptions, load_chunks
-from mlsae.metrics import DownstreamMetrics, ExcludedShare, ReconstructionMetrics
 from mlsae.formats import sae_name
+from mlsae.metrics import DownstreamMetrics, ExcludedShare, ReconstructionMetrics
 from mlsae.model import MLSAE
 from mlsae.positions import PositionRule, read_residuals
 from mlsae.precision import autocast as precision_autocast

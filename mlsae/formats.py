@@ -37,7 +37,8 @@ def load_folder(folder: Path, map_location: str = "cpu") -> MLSAE:
     if "W_enc" in state:
         known = {f.name for f in fields(SAEConfig)}
         raw.setdefault("skip_first", 0)  # format 1 predates the rule: those MLSAEs saw position 0
-        raw["auxk"] = raw.get("auxk") or 0  # older configs wrote null for off
+        if raw.get("auxk", 0) is None:
+            raw["auxk"] = 0  # older configs wrote null for off
         model = MLSAE(SAEConfig(**{k: v for k, v in raw.items() if k in known}))
         model.load_state_dict(state)
     else:
@@ -56,7 +57,7 @@ def _from_reference(raw: dict, state: dict[str, Tensor]) -> MLSAE:
     n_latents, n_inputs = W_enc.shape
     layers = raw.get("layers")
     n_layers = len(layers) if layers else _count_blocks(state) or 1
-    options = {**SAEOptions().sae_options(), **{k: raw[k] for k in SAEOptions().sae_options() if k in raw}}
+    options = {k: raw.get(k, default) for k, default in SAEOptions().sae_options().items()}
     options.update(auxk=options["auxk"] or 0,  # the reference writes null for off
                    skip_first=0)  # the reference trains on every non-special position
     config = SAEConfig(n_inputs=n_inputs, n_latents=n_latents, k=raw.get("k", SAEConfig.k), n_layers=n_layers,

@@ -83,14 +83,13 @@ class Kernel:
             return a
         if a is None:
             return None
-        where = f"{self.name}({p.name})"
         if not isinstance(a, Tensor) or a.device.type != "cpu":
-            raise TypeError(f"{where}: expected a CPU tensor, got {type(a).__name__}")
+            raise TypeError(f"{self.name}({p.name}): expected a CPU tensor, got {type(a).__name__}")
         if a.dtype not in POINTEE[p.ctype]:
-            raise TypeError(f"{where}: expected {' or '.join(map(str, POINTEE[p.ctype]))}, got {a.dtype}")
+            raise TypeError(f"{self.name}({p.name}): expected {' or '.join(map(str, POINTEE[p.ctype]))}, got {a.dtype}")
         # "tile" is read with its own row stride; everything else must be one dense block
         if not (a.stride(-1) == 1 if p.name == "tile" else a.is_contiguous()):
-            raise TypeError(f"{where}: expected a contiguous tensor")
+            raise TypeError(f"{self.name}({p.name}): expected a contiguous tensor")
         return a.data_ptr()
 
 
