@@ -12,12 +12,13 @@ OUT     := out/$(PROFILE)
 PROFILE_FILE := profiles/$(PROFILE).yaml
 NB_OUT  := $(OUT)/notebooks
 BOOK    := $(OUT)/book/_build/html/index.html
-# The book's notebooks, in book order (mlsae/book/build.py NOTEBOOKS).
+# The book's notebooks, in book order (book/build.py NOTEBOOKS).
 NOTEBOOKS := train evaluation residual_geometry layer_distributions examples prompt_heatmaps \
              decoder_geometry baselines performance
 EXECUTED  := $(NOTEBOOKS:%=$(NB_OUT)/%.ipynb)
-# What the notebooks' results depend on: the package (the ipywidgets app aside) and the profile.
-PKG_SRC := $(filter-out mlsae/explorer/app.py,$(shell find mlsae -name '*.py' -not -path '*/__pycache__/*'))
+# What the notebooks' results depend on: the library (the ipywidgets app aside), the book's
+# Python package (book/*.py) and the profile.
+PKG_SRC := $(filter-out mlsae/explorer/app.py,$(shell find mlsae -name '*.py' -not -path '*/__pycache__/*')) $(wildcard book/*.py)
 
 .PHONY: all setup test fetch train eval notebooks book clean help
 
@@ -41,7 +42,7 @@ test: setup
 
 # What the profile needs: the embedded model and corpus, a tiny random model, or nothing (hub).
 $(OUT)/.fetched: $(STAMP) $(PROFILE_FILE)
-	$(PY) -m mlsae.book fetch --profile $(PROFILE)
+	$(PY) -m book fetch --profile $(PROFILE)
 	@mkdir -p $(OUT) && touch $@
 
 fetch: $(OUT)/.fetched
@@ -50,7 +51,7 @@ fetch: $(OUT)/.fetched
 # analysis passes are skipped when their outputs were made with the same options (training
 # resumes from its last checkpoint if it was interrupted).
 $(NB_OUT)/%.ipynb: notebooks/%.ipynb $(PROFILE_FILE) $(PKG_SRC) $(OUT)/.fetched
-	$(PY) -m mlsae.book run $* --profile $(PROFILE)
+	$(PY) -m book run $* --profile $(PROFILE)
 
 # What each notebook reads from the notebooks before it.
 $(NB_OUT)/evaluation.ipynb $(NB_OUT)/layer_distributions.ipynb $(NB_OUT)/prompt_heatmaps.ipynb \
@@ -65,7 +66,7 @@ eval: $(NB_OUT)/evaluation.ipynb
 notebooks: $(EXECUTED)
 
 $(BOOK): $(EXECUTED) _config.yml _toc.yml $(wildcard book/*.md) $(PKG_SRC)
-	$(PY) -m mlsae.book build --profile $(PROFILE)
+	$(PY) -m book build --profile $(PROFILE)
 
 book: $(BOOK)
 

@@ -401,7 +401,8 @@ def train(cfg: TrainConfig) -> list[Path]:
     autocast = precision_autocast(precision, device)
     n_micro = cfg.tokens_per_step // (cfg.batch_size * cfg.max_length * world)
     batches = iter(loader)
-    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    # Rank 0 only; None leaves it to tqdm (off where stderr is no terminal or TQDM_DISABLE is set).
+    bar = tqdm(total=cfg.steps, initial=step, disable=None if rank == 0 else True, unit="step", dynamic_ncols=True)
     start, start_tokens = time.perf_counter(), tokens
     while step < cfg.steps:
         micro = [next(batches).to(device) for _ in range(n_micro)]

@@ -20,9 +20,9 @@ pytest.importorskip("jupyter_book")
 import nbformat  # noqa: E402
 import yaml  # noqa: E402
 
-from mlsae.book import Results, load_profile, number_tokens, repo_root, train_status  # noqa: E402
-from mlsae.book.build import NOTEBOOKS, build, check_numbers, execute, fetch, page_text, verify_sources  # noqa: E402
-from mlsae.book.results import fmt_number  # noqa: E402
+from book import Results, load_profile, number_tokens, repo_root, train_status  # noqa: E402
+from book.build import NOTEBOOKS, build, check_numbers, execute, fetch, page_text, verify_sources  # noqa: E402
+from book.results import fmt_number  # noqa: E402
 from mlsae.train import parse_args  # noqa: E402
 
 ROOT = repo_root()
@@ -87,13 +87,50 @@ def test_training_ran_once_and_is_reused(smoke_book):
         assert train_status(bcfg) == "done"
 
 
-def test_cached_stages_are_keyed_on_their_code(smoke_book):
-    from mlsae.book.stages import EVAL_CODE, PASS_CODE, code_digest
+def test_every_cached_stage_is_stamped_with_its_code(smoke_book):
+    from book.stages import DECODER_CODE, EVAL_CODE, PASS_CODE, RESID_CODE, STAMPS, code_digest
 
-    evals = sorted((smoke_book["out"] / "eval").glob("test_*.json"))
-    assert evals and all(json.loads(p.read_text())["code"] == code_digest(EVAL_CODE) for p in evals)
-    stamps = list((smoke_book["out"] / "analysis").glob("*/book-stages.json"))
-    assert any(json.loads(p.read_text()).get("pass") == code_digest(PASS_CODE) for p in stamps)
+    stamps = [(path.parent, stage, value) for path in smoke_book["out"].rglob(STAMPS)
+              for stage, value in json.loads(path.read_text()).items()]
+    codes = {"evaluate": EVAL_CODE, "pass": PASS_CODE, "resid": RESID_CODE, "decoder": DECODER_CODE}
+    for stage, code in codes.items():
+        found = [v for _, k, v in stamps if k.split()[0] == stage]
+        assert found and all(v["key"]["code"] == code_digest(code) for v in found), stage
+    evals = {(p.parent, f"evaluate {p.stem.removeprefix('test_')}")
+             for p in smoke_book["out"].rglob("test_*.json")}
+    assert evals == {(folder, stage) for folder, stage, _ in stamps if stage.startswith("evaluate ")}
+
+
+def test_one_caching_rule(tmp_path):
+    """A stage reruns when its options, its code or the bytes it reads change, when its output
+    is gone, and after it was killed half-way; otherwise it is reused."""
+    from book.stages import cached
+
+    weights, output, calls = tmp_path / "model.safetensors", tmp_path / "out.json", []
+    weights.write_bytes(b"weights v1")
+
+    def compute(fail: bool = False) -> None:
+        calls.append(1)
+        if fail:
+            raise KeyboardInterrupt
+        output.write_text("{}")
+
+    def stage(options: dict, code: tuple[str, ...] = ("mlsae.metrics",), fail: bool = False) -> str:
+        return cached(tmp_path, "stage", options=options, code=code, inputs=(weights,), outputs=(output,),
+                      compute=lambda: compute(fail))["status"]
+
+    assert stage({"k": 1}) == "computed"
+    assert stage({"k": 1}) == "cached" and len(calls) == 1
+    assert stage({"k": 2}) == "computed"
+    assert stage({"k": 2}, code=("mlsae.metrics", "mlsae.model")) == "computed"
+    weights.write_bytes(b"weights v2")
+    assert stage({"k": 2}, code=("mlsae.metrics", "mlsae.model")) == "computed"
+    output.unlink()
+    assert stage({"k": 2}, code=("mlsae.metrics", "mlsae.model")) == "computed"
+    with pytest.raises(KeyboardInterrupt):  # other options, killed while it rewrote the output
+        stage({"k": 1}, fail=True)
+    assert stage({"k": 2}, code=("mlsae.metrics", "mlsae.model")) == "computed", "the output may be half-written"
+    assert stage({"k": 2}, code=("mlsae.metrics", "mlsae.model")) == "cached"
 
 
 # ----------------------------------------------------------------------------- the book

@@ -465,7 +465,7 @@ def test_build_app_from_a_folder(tiny_model_dir, tmp_path):
 
 
 def test_book_views(explorer):
-    from mlsae.book.views import HOW_TO_RUN_LIVE, book_views, views_html
+    from book.views import HOW_TO_RUN_LIVE, book_views, views_html
 
     views = book_views(explorer, ["The cat sat on the mat.", "Paris 😀"], n_latents=3)
     assert len(views) == 12

@@ -1,7 +1,7 @@
 """Plotly figures and HTML fragments for the explorer's views, shared by the live app and the book.
 
 Every builder takes the plain values an ``Explorer`` computes, so the live widgets and the book's
-precomputed pages (``mlsae.book.views``) draw the same pictures.
+precomputed pages (``book.views``) draw the same pictures.
 """
 
 from __future__ import annotations

@@ -1,18 +1,24 @@
-"""The book's heavy stages, each skipped when its outputs already match its inputs.
+"""The book's heavy stages, each computed once and reused while its inputs stay the same.
 
-- ``ensure_trained``: train a sweep (or a per-layer SAE), resume an interrupted one, or just
-  return the folders of a finished one. A run is finished when its checkpoint says so and was
-  made with the same options; the CLI (``python -m mlsae.train --config_path
-  profiles/<name>.yaml``) and the notebook are interchangeable.
-- ``ensure_evaluated``: ``mlsae.evaluate`` on one SAE, unless its results JSON was written with the
-  same options after the SAE's weights.
+One rule decides every derived stage (evaluation, the analysis pass, residual geometry, decoder
+geometry): a stage is fresh when the stamp file of its output folder (``book-stages.json``)
+records the same key, and its outputs exist. The key is the stage's options, a hash of the
+source of the modules that compute it, and hashes of the files it reads (the SAE's weights).
+``cached`` applies it.
+
+Training is the exception, on purpose: its checkpoint records its options and training resumes
+from it (``mlsae.train --resume``), so the CLI and the book share one rule there, and a change
+to the training code does not retrain (delete ``runs/<profile>`` for that).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -23,12 +29,11 @@ from mlsae.formats import mlsae_name, sae_name
 from mlsae.train import RESUMABLE, TrainConfig, train
 from mlsae.utils import MLSAEError, atomic_write_text
 
-from mlsae.book.profile import EvalConfig
+from book.profile import EvalConfig
 
 
 # The modules whose code decides each cached stage's results: a change to any of them recomputes
-# the stage (training is keyed on its options only: delete runs/<profile> to retrain after
-# changing the training code).
+# the stage.
 EVAL_CODE = ("mlsae.evaluate", "mlsae.metrics", "mlsae.positions", "mlsae.model", "mlsae.formats", "mlsae.kernels", "mlsae.transformer", "mlsae.data")
 PASS_CODE = ("mlsae.analysis.run", "mlsae.analysis.stream", "mlsae.positions", "mlsae.analysis.dists", "mlsae.analysis.variances",
              "mlsae.analysis.examples", "mlsae.analysis.common", "mlsae.model", "mlsae.formats", "mlsae.kernels", "mlsae.transformer",
@@ -39,9 +44,6 @@ DECODER_CODE = ("mlsae.analysis.decoder", "mlsae.analysis.dists", "mlsae.model",
 
 def code_digest(modules: tuple[str, ...]) -> str:
     """A hash of the source files of ``modules`` (part of every cached stage's key)."""
-    import hashlib
-    import importlib.util
-
     h = hashlib.sha256()
     for name in modules:
         spec = importlib.util.find_spec(name)
@@ -50,20 +52,46 @@ def code_digest(modules: tuple[str, ...]) -> str:
     return h.hexdigest()[:16]
 
 
-def _stamp_path(folder: Path) -> Path:
-    return folder / "book-stages.json"
+def file_digest(path: Path) -> str | None:
+    """A hash of a file's bytes (None if it does not exist)."""
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
-def _stamp_ok(folder: Path, stage: str, digest: str) -> bool:
-    path = _stamp_path(folder)
-    return path.is_file() and json.loads(path.read_text()).get(stage) == digest
+STAMPS = "book-stages.json"
 
 
-def _stamp(folder: Path, stage: str, digest: str) -> None:
-    path = _stamp_path(folder)
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[stage] = digest
-    atomic_write_text(path, json.dumps(data, indent=1))
+def cached(folder: Path, stage: str, *, options: dict, code: tuple[str, ...], inputs: tuple[Path, ...] = (),
+           outputs: tuple[Path, ...], compute: Callable[[], object]) -> dict:
+    """Run ``compute`` (which writes ``outputs``) unless ``folder``'s stamps hold this ``stage``
+    with the same key: ``options``, the source of the ``code`` modules and the bytes of ``inputs``.
+
+    Returns ``{"status": "cached" | "computed", "seconds": ...}`` (the seconds computing took,
+    also when cached). The stamp is removed before computing, so a stage killed half-way is
+    computed again.
+    """
+    key = {"options": json.loads(json.dumps(options, default=str)), "code": code_digest(code),
+           "inputs": {p.name: file_digest(p) for p in inputs}}
+    path = folder / STAMPS
+    stamps = json.loads(path.read_text()) if path.is_file() else {}
+    saved = stamps.get(stage) or {}
+    if saved.get("key") == key and all(p.exists() for p in outputs):
+        return {"status": "cached", "seconds": saved["seconds"]}
+    folder.mkdir(parents=True, exist_ok=True)
+    if stamps.pop(stage, None) is not None:
+        atomic_write_text(path, json.dumps(stamps, indent=1))
+    start = time.perf_counter()
+    compute()
+    seconds = time.perf_counter() - start
+    stamps = json.loads(path.read_text()) if path.is_file() else {}
+    stamps[stage] = {"key": key, "seconds": seconds}
+    atomic_write_text(path, json.dumps(stamps, indent=1))
+    return {"status": "computed", "seconds": seconds}
 
 
 def run_dirs(cfg: TrainConfig) -> list[Path]:
@@ -133,18 +161,15 @@ def ensure_evaluated(cfg: EvalConfig) -> tuple[dict, dict]:
     from mlsae.evaluate import evaluate, write_results
 
     path = eval_path(cfg.out_dir, cfg.sae)
-    weights = Path(cfg.sae) / "model.safetensors"
-    digest = code_digest(EVAL_CODE)
-    if path.is_file() and weights.is_file():
-        saved = json.loads(path.read_text())
-        if (saved.get("config") == asdict(cfg) and saved.get("code") == digest
-                and path.stat().st_mtime >= weights.stat().st_mtime):
-            return saved["results"], {"status": "cached", "seconds": saved.get("seconds", 0.0)}
-    start = time.perf_counter()
-    results = evaluate(cfg)
-    seconds = time.perf_counter() - start
-    write_results(results, cfg, sae_name(cfg.sae), extra={"seconds": seconds, "code": digest})
-    return results, {"status": "computed", "seconds": seconds}
+
+    def compute() -> None:
+        start = time.perf_counter()
+        results = evaluate(cfg)
+        write_results(results, cfg, sae_name(cfg.sae), extra={"seconds": time.perf_counter() - start})
+
+    info = cached(Path(cfg.out_dir), f"evaluate {sae_name(cfg.sae)}", options=asdict(cfg), code=EVAL_CODE,
+                  inputs=(Path(cfg.sae) / "model.safetensors",), outputs=(path,), compute=compute)
+    return json.loads(path.read_text())["results"], info
 
 
 def main_run(cfg: TrainConfig, analysis: dict | None = None) -> Path:
@@ -170,14 +195,6 @@ def sae_positions(run_dir: str | Path) -> str:
     return MLSAE.from_pretrained(run_dir).config.positions.describe()
 
 
-def _fresh(path: Path, config: dict, weights: Path) -> dict | None:
-    """The JSON at ``path`` if it was written after ``weights`` with the same ``config``, else None."""
-    if not (path.is_file() and weights.is_file()) or path.stat().st_mtime < weights.stat().st_mtime:
-        return None
-    saved = json.loads(path.read_text())
-    return saved if saved.get("config") == json.loads(json.dumps(config)) else None
-
-
 def analysis_dir(out_dir: str | Path, sae_folder: str | Path) -> Path:
     """Where the analyses of one SAE go: ``<out>/analysis/<SAE name>``."""
     return Path(out_dir) / "analysis" / sae_name(sae_folder)
@@ -195,7 +212,7 @@ def data_options(analysis: dict):
 def ensure_analysis_pass(sae_folder: str | Path, out_dir: str | Path, analysis: dict,
                          analyses: tuple[str, ...] = ("dists", "variances", "examples")) -> tuple[dict, dict]:
     """dists, variances and examples of one MLSAE from one pass over the held-out data
-    (``mlsae.analysis.run``), unless ``run.json`` says they were made with the same options.
+    (``mlsae.analysis.run``), unless made with the same options, code and weights.
 
     Returns ``(run.json as a dict, info)``; the files are in ``analysis_dir(out_dir, sae_folder)``.
     """
@@ -205,20 +222,14 @@ def ensure_analysis_pass(sae_folder: str | Path, out_dir: str | Path, analysis: 
     opts = RunOptions(sae=str(sae_folder), data=data_options(analysis), out_dir=str(out),
                       n_examples=int(analysis.get("n_examples", 32)), n_tokens=int(analysis.get("n_tokens", 4)),
                       analyses=list(analyses))
-    digest = code_digest(PASS_CODE)
-    saved = _fresh(out / "run.json", asdict(opts), Path(sae_folder) / "model.safetensors")
-    if saved is not None and _stamp_ok(out, "pass", digest):
-        return saved, {"status": "cached", "seconds": 0.0}
-    start = time.perf_counter()
-    run(opts)
-    _stamp(out, "pass", digest)
-    saved = json.loads((out / "run.json").read_text())
-    return saved, {"status": "computed", "seconds": time.perf_counter() - start}
+    info = cached(out, "pass", options=asdict(opts), code=PASS_CODE, inputs=(Path(sae_folder) / "model.safetensors",),
+                  outputs=(out / "run.json",), compute=lambda: run(opts))
+    return json.loads((out / "run.json").read_text()), info
 
 
 def ensure_resid(model_name: str, out_dir: str | Path, analysis: dict) -> tuple[pd.DataFrame, dict, dict]:
     """Residual-stream geometry of ``model_name`` (``mlsae.analysis.resid``) over the profile's
-    ``resid_tokens`` held-out tokens, unless ``resid.json`` holds it for the same options.
+    ``resid_tokens`` held-out tokens, unless made with the same options and code.
 
     Returns ``(per-layer table, resid.json, info)``; files in ``<out>/analysis/resid-<model>``.
     """
@@ -227,38 +238,23 @@ def ensure_resid(model_name: str, out_dir: str | Path, analysis: dict) -> tuple[
     data = data_options({**analysis, "max_tokens": analysis.get("resid_tokens", analysis.get("max_tokens"))})
     out = Path(out_dir) / "analysis" / f"resid-{sae_name(model_name)}"
     opts = resid.ResidOptions(model_name=model_name, data=data, out_dir=str(out))
-    path = out / "resid.json"
-    status, start = "cached", time.perf_counter()
-    saved = json.loads(path.read_text()) if path.is_file() else None
-    digest = code_digest(RESID_CODE)
-    if (saved is None or saved.get("config") != json.loads(json.dumps(asdict(opts)))
-            or not _stamp_ok(out, "resid", digest)):
-        resid.run(opts)
-        _stamp(out, "resid", digest)
-        saved, status = json.loads(path.read_text()), "computed"
-    return pd.read_csv(out / "resid.csv"), saved, {"status": status, "seconds": time.perf_counter() - start}
+    info = cached(out, "resid", options=asdict(opts), code=RESID_CODE, outputs=(out / "resid.json", out / "resid.csv"),
+                  compute=lambda: resid.run(opts))
+    return pd.read_csv(out / "resid.csv"), json.loads((out / "resid.json").read_text()), info
 
 
 def ensure_decoder(sae_folder: str | Path, out_dir: str | Path, *, embeddings: bool = True) -> tuple[dict, dict]:
     """Decoder geometry of one MLSAE (``mlsae.analysis.decoder``: MMCS, embedding similarities,
     and, when the analysis pass's ``dists`` is there, cosine similarity against mean-layer
-    difference), unless ``decoder.json`` is newer than the weights and the dists with the same options."""
+    difference), unless made with the same options, code, weights and dists."""
     from mlsae.analysis import decoder
 
     out = analysis_dir(out_dir, sae_folder)
-    path = out / "decoder.json"
-    inputs = [Path(sae_folder) / "model.safetensors", out / "dists.safetensors"]
-    newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0)
-    status, start = "cached", time.perf_counter()
-    saved = json.loads(path.read_text()) if path.is_file() else None
-    digest = code_digest(DECODER_CODE)
-    fresh = (saved is not None and path.stat().st_mtime >= newest and _stamp_ok(out, "decoder", digest)
-             and saved["config"].get("embeddings") == embeddings and saved["config"].get("sae") == str(sae_folder))
-    if not fresh:
-        decoder.run(decoder.DecoderOptions(sae=str(sae_folder), embeddings=embeddings, out_dir=str(out)))
-        _stamp(out, "decoder", digest)
-        saved, status = json.loads(path.read_text()), "computed"
-    return saved, {"status": status, "seconds": time.perf_counter() - start}
+    opts = decoder.DecoderOptions(sae=str(sae_folder), embeddings=embeddings, out_dir=str(out))
+    info = cached(out, "decoder", options=asdict(opts), code=DECODER_CODE,
+                  inputs=(Path(sae_folder) / "model.safetensors", out / "dists.safetensors"),
+                  outputs=(out / "decoder.json",), compute=lambda: decoder.run(opts))
+    return json.loads((out / "decoder.json").read_text()), info
 
 
 def write_tables(out_dir: str | Path) -> Path:

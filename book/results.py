@@ -3,7 +3,7 @@
 A notebook formats each number it displays with ``R.num`` (computed), ``R.param`` (a parameter
 of the run) or ``R.paper`` (a claim or setting of the paper, quoted), and shows tables with
 ``R.table``; the recorder keeps the exact text shown in ``<out>/results/<notebook>.json``.
-``mlsae.book.check`` then reads the built HTML and fails on any number it cannot find there, so
+``book.check`` then reads the built HTML and fails on any number it cannot find there, so
 no result can be typed into the book by hand. A number may name the file (and keys) it was read
 from (``source=``), and the check verifies it against that file too.
 """

@@ -1,16 +1,16 @@
-"""``python -m mlsae.book``: run the book's notebooks and build the book (see mlsae.book.build)."""
+"""``python -m book``: run the book's notebooks and build the book (see book.build)."""
 
 from __future__ import annotations
 
 import argparse
 
-from mlsae.book.build import NOTEBOOKS, build, check_numbers, execute, fetch, verify_sources
-from mlsae.book.profile import load_profile
+from book.build import NOTEBOOKS, build, check_numbers, execute, fetch, verify_sources
+from book.profile import load_profile
 from mlsae.utils import MLSAEError, run_cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mlsae.book", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m book", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "execute notebooks with papermill"), ("run-all", "execute every notebook in order"),
                        ("build", "assemble and build the HTML book, then check its numbers"),

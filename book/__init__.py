@@ -2,22 +2,22 @@
 
 In a notebook::
 
-    from mlsae import book
+    import book
     P = book.setup(profile)                    # the Profile; quiet progress bars, plot style
     R = book.Results("evaluation", P.out_dir(out_dir))
     R.md(f"Mean FVU over layers: {R.num('fvu_avg', value, '.3f')} (definition ...).")
 
-From the shell: ``python -m mlsae.book --help``.
+From the shell: ``python -m book --help``.
 """
 
 from __future__ import annotations
 
-from mlsae.book import claims
-from mlsae.book.claims import ratio_verdict
-from mlsae.book.profile import EvalConfig, Profile, load_profile, profile_path, repo_root
-from mlsae.book.perf import recipe_study
-from mlsae.book.results import PAPER, Results, fmt_number, number_tokens
-from mlsae.book.stages import (
+from book import claims
+from book.claims import ratio_verdict
+from book.profile import EvalConfig, Profile, load_profile, profile_path, repo_root
+from book.perf import recipe_study
+from book.results import PAPER, Results, fmt_number, number_tokens
+from book.stages import (
     analysis_dir,
     data_options,
     ensure_analysis_pass,
@@ -37,28 +37,14 @@ from mlsae.book.stages import (
 
 
 def setup(profile: str = "default", *, quiet: bool = True) -> Profile:
-    """Load ``profile`` for a notebook; hide progress bars (they would print numbers into the
+    """Load ``profile`` for a notebook; quiet the transformers logging (it would print into the
     book) and set the plotting defaults."""
-    if quiet:
-        import functools
-
-        import tqdm.std
-
-        if not getattr(tqdm.std.tqdm.__init__, "_mlsae_quiet", False):
-            loud_init = tqdm.std.tqdm.__init__
-
-            @functools.wraps(loud_init)
-            def quiet_init(self, *args, **kwargs):  # callers pass disable=False explicitly: override it
-                kwargs["disable"] = True
-                loud_init(self, *args, **kwargs)
-
-            quiet_init._mlsae_quiet = True  # type: ignore[attr-defined]
-            tqdm.std.tqdm.__init__ = quiet_init
+    if quiet:  # progress bars are off through TQDM_DISABLE (book.build.quiet_env)
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-    from mlsae.book.figures import register_renderer
+    from book.figures import register_renderer
 
     register_renderer()
     try:

@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from mlsae.book.figures import highlighted_tokens
+from book.figures import highlighted_tokens
 from mlsae.explorer import Explorer, PromptRun
 from mlsae.explorer import figures as figs
 from mlsae.explorer.core import STEER_RANGE, THRESHOLD

@@ -1,9 +1,9 @@
 """Run the book's notebooks with papermill, assemble the Jupyter Book and build it offline.
 
-    python -m mlsae.book run NOTEBOOK [--profile P]      execute notebooks/NOTEBOOK.ipynb
-    python -m mlsae.book run-all [--profile P]           every notebook, in book order
-    python -m mlsae.book build [--profile P]             assemble + jupyter-book build + number check
-    python -m mlsae.book check [--profile P]             the number check alone
+    python -m book run NOTEBOOK [--profile P]      execute notebooks/NOTEBOOK.ipynb
+    python -m book run-all [--profile P]           every notebook, in book order
+    python -m book build [--profile P]             assemble + jupyter-book build + number check
+    python -m book check [--profile P]             the number check alone
 
 Layout for profile P (``--out_dir`` moves it): ``out/P/notebooks/*.ipynb`` (executed),
 ``out/P/results/*.json`` (every number shown), ``out/P/book/src`` (the assembled sources: the
@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from mlsae.book.profile import load_profile, repo_root
-from mlsae.book.results import NUMBER, PAPER, Results, normalise, number_tokens
+from book.profile import load_profile, repo_root
+from book.results import NUMBER, PAPER, Results, normalise, number_tokens
 from mlsae.utils import MLSAEError, atomic_write_text
 
 # Book order, which is also an order in which every notebook finds what it reads.
@@ -60,9 +60,10 @@ def notebook_source(name: str) -> Path:
 
 
 def quiet_env() -> dict[str, str]:
-    """Environment of the notebook kernels: no progress bars (they would print into the book),
-    passive OpenMP waits unless set otherwise."""
+    """Environment of the notebook kernels: the book package importable (it is not installed),
+    no progress bars (they would print into the book), passive OpenMP waits unless set otherwise."""
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(repo_root()), *filter(None, [env.get("PYTHONPATH")])])
     # Passive OpenMP waits: on a shared CPU, spinning workers slow many-small-kernel steps severalfold.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.update(TQDM_DISABLE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error",
@@ -227,14 +228,14 @@ def assemble(profile: str = "default", out_dir: str | None = None, *, partial: b
     """
     import yaml
 
-    from mlsae.book.figures import PLOTLY_JS, plotly_js_path
+    from book.figures import PLOTLY_JS, plotly_js_path
 
     prof = load_profile(profile)
     out = prof.out_dir(out_dir)
     missing = [n for n in NOTEBOOKS if not (out / "notebooks" / f"{n}.ipynb").is_file()]
     if missing and not partial:
         raise MLSAEError(f"notebooks not executed yet under {out}: {', '.join(missing)} "
-                         f"(run: python -m mlsae.book run-all --profile {profile})")
+                         f"(run: python -m book run-all --profile {profile})")
     root, src = repo_root(), out / "book" / "src"
     shutil.rmtree(src, ignore_errors=True)
     (src / "book" / "notebooks").mkdir(parents=True)

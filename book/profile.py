@@ -30,8 +30,8 @@ from mlsae.evaluate import EvalConfig
 
 
 def repo_root() -> Path:
-    """The project folder (the parent of the ``mlsae`` package)."""
-    return Path(__file__).resolve().parents[2]
+    """The project folder: the book package lives in its ``book/`` folder, beside the notebooks."""
+    return Path(__file__).resolve().parents[1]
 
 
 def profile_path(name: str | Path) -> Path:

@@ -153,10 +153,10 @@ def budget_curve(points: pd.DataFrame) -> pd.DataFrame:
 
 def budget_points(study: dict | None, cfg, results: dict[str, float]) -> pd.DataFrame:
     """The target metrics against training tokens for ``cfg``'s recipe: the recipe study's runs of
-    that recipe (``mlsae.book.perf.recipe_study``) and this build's main MLSAE (``results``)."""
+    that recipe (``book.perf.recipe_study``) and this build's main MLSAE (``results``)."""
     from dataclasses import asdict
 
-    from mlsae.book.perf import recipe_points
+    from book.perf import recipe_points
 
     keys = [key for key, _, _ in TARGETS.values()]
     points = recipe_points(study["records"], asdict(cfg)) if study else pd.DataFrame(columns=["tokens", *keys, "source"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mlsae.book.stages import read_metrics
+from book.stages import read_metrics
 
 
 def training_rows(folders: list[Path], cfg) -> pd.DataFrame:
@@ -54,7 +54,7 @@ def stage_rows(out: Path) -> pd.DataFrame:
 def notebook_timings(out: Path) -> pd.DataFrame:
     """Wall seconds of each executed notebook (``<out>/timings.json``): its slowest recorded
     execution (what producing its results cost; its share of the total) and its last one."""
-    from mlsae.book.build import NOTEBOOKS, read_timings
+    from book.build import NOTEBOOKS, read_timings
 
     timings = read_timings(out)
     names = [n for n in NOTEBOOKS if n in timings]
@@ -116,8 +116,8 @@ def recipe_study(config: dict | None = None, path: Path | None = None) -> dict |
     """The recorded training-recipe study (``benchmarks/recipes.py``): the machine it ran on, its
     token budget, and one row per recipe at that budget (marking the recipe of ``config``, a
     TrainConfig as a dict); None where none was recorded."""
-    from mlsae.book.evals import same_recipe
-    from mlsae.book.profile import repo_root
+    from book.evals import same_recipe
+    from book.profile import repo_root
 
     path = path or repo_root() / "benchmarks" / "results" / "recipes.json"
     if not path.is_file():
@@ -137,7 +137,7 @@ def recipe_study(config: dict | None = None, path: Path | None = None) -> dict |
 def recipe_points(records: list[dict], config: dict) -> pd.DataFrame:
     """The study's results for the recipe of ``config`` (a TrainConfig as a dict), one row per token
     budget, with the evaluation's column names (``mlsae.evaluate``)."""
-    from mlsae.book.evals import same_recipe
+    from book.evals import same_recipe
 
     rows = [{"tokens": r["tokens"], "train/fvu/avg": r["fvu"], "val/loss/recovered/avg": r["ce_recovered"],
              "train/dead/rel": r["dead_overall"], "source": "recipe study"}
