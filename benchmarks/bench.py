@@ -73,7 +73,7 @@ def make_mlsae(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
     from mlsae.model import MLSAE, SAEConfig
 
     sae = MLSAE(SAEConfig(n_inputs=x.shape[1], n_latents=n, k=k)).to(x.device).train()
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, eps=6.25e-10, fused=True)  # as mlsae.train.make_runs
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, eps=6.25e-10, fused=True)  # as mlsae.train.make_sweep
 
     def step(x: torch.Tensor) -> None:
         with autocast(x.device, bf16):

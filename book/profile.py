@@ -120,7 +120,7 @@ class Profile:
             values["out_dir"] = str(Path(runs_dir) / sweep)
         elif changed or "out_dir" not in values:
             values["out_dir"] = str(Path(values.get("out_dir", self.runs_dir() / "sweep")).with_name(sweep))
-        return TrainConfig(**_only_known(TrainConfig, values, f"{self.path} cfg"))
+        return TrainConfig(**_only_known(TrainConfig, values, f"{self.path} train"))
 
     def baseline_configs(self, runs_dir: str | Path | None = None, **overrides: Any) -> list[TrainConfig]:
         """One ``TrainConfig`` per baseline layer: a single-layer SAE in ``<runs_dir>/layer-<l>``."""
@@ -144,7 +144,7 @@ class Profile:
         values = self.section("evaluate")
         values.update(_drop_none(overrides))
         values.update(sae=str(sae), out_dir=str(out_dir))
-        return EvalConfig(**_only_known(EvalConfig, values, f"{self.path} test"))
+        return EvalConfig(**_only_known(EvalConfig, values, f"{self.path} evaluate"))
 
     def analysis(self, **overrides: Any) -> dict:
         values = self.section("analysis")

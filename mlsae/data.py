@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import zstandard
 from safetensors.torch import load_file, save_file
+from simple_parsing import field as flag
 from tqdm.auto import tqdm
 
 from mlsae.fetch import CORPORA, fetch_corpus
@@ -40,10 +41,11 @@ TOKENS_FORMAT = 1  # bump when the chunking changes, to invalidate cached token 
 
 @dataclass
 class DataOptions:
-    """Held-out data and how a pass runs over it: declared once, for the evaluation and the analyses."""
+    """The data a pass reads and how it runs: declared once, for training (``mlsae.train``, with
+    its own defaults), the evaluation and the analyses."""
 
     path: str = "brown"
-    """Held-out data: a .jsonl[.zst] file, a folder of splits, 'brown', or a hub dataset id."""
+    """Data: a .jsonl[.zst] file, a folder of splits, 'brown', or a hub dataset id."""
     split: str = "test"
     """Split of the data."""
     max_length: int = 256
@@ -52,7 +54,7 @@ class DataOptions:
     """Sequences per forward pass."""
     max_tokens: int = 65_536
     """Tokens to read (the positions that the MLSAE's position rule leaves out are then ignored)."""
-    precision: str = "auto"
+    precision: str = flag(default="auto", choices=["auto", *PRECISIONS])
     """Autocast precision of the transformer and the encoder product (auto, bf16 or fp32; mlsae.precision)."""
     device: str = "auto"
     """cpu, cuda, or auto."""

@@ -20,14 +20,14 @@ one pass each way) and ``project_rows_`` (the decoder-gradient constraint).
 
 TopK, the scatters and the decode's backward run in mlsae.native's C loops when that compiles
 (fp32/bf16 tensors on a CPU), otherwise in PyTorch ops (CUDA included); both paths are checked
-against naive dense autograd in tests/test_kernels.py. The scratch buffers are module-level:
-not for concurrent calls from several threads.
+against naive dense autograd in tests/test_kernels.py. The decoder's backward hands its sort of
+the TopK indices to the encoder's through the TopK that ``topk_encode`` returns, not through
+module state. The scratch buffers are module-level: not for concurrent calls from several threads.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -39,12 +39,12 @@ from mlsae import native, precision
 
 # Bytes of pre-activations per chunk of vectors on the row-chunk path: W_enc is read once per
 # chunk, so chunks must be large for large F; the buffer is reused across steps.
-CHUNK_BYTES = int(os.environ.get("MLSAE_CHUNK_BYTES", 64 << 20))
-GPU_CHUNK_BYTES = int(os.environ.get("MLSAE_GPU_CHUNK_BYTES", 1 << 30))  # fewer, larger products on a GPU
+CHUNK_BYTES = 64 << 20
+GPU_CHUNK_BYTES = 1 << 30  # fewer, larger products on a GPU
 # The tiled path (native TopK, no AuxK): latents per block and bytes per tile (cache-sized).
 # Measured: below ~8k latents one product per chunk of vectors is as fast or faster.
-LATENT_BLOCK = int(os.environ.get("MLSAE_LATENT_BLOCK", 2048))
-TILE_BYTES = int(os.environ.get("MLSAE_TILE_BYTES", 4 << 20))
+LATENT_BLOCK = 2048
+TILE_BYTES = 4 << 20
 TILED_MIN_LATENTS = 4 * LATENT_BLOCK
 SPAN_ROWS = 16384  # vectors per pass over W_enc on the tiled path
 # fp32 without autocast: rank latents with a bf16 product, then rescore in fp32 (exact; see
@@ -60,6 +60,20 @@ class TopK(NamedTuple):
     values: Tensor  # [..., k] float32
     indices: Tensor  # [..., k] int64
 
+    def reshape(self, *shape: int) -> TopK:
+        """Values and indices reshaped to ``[*shape, k]``."""
+        return TopK(self.values.reshape(*shape, -1), self.indices.reshape(*shape, -1))
+
+
+class _Encoded(TopK):
+    """``topk_encode``'s TopK, which also carries the ``native.IndexSort`` that its decoder's backward
+    fills in for the encoder's backward (both scatter over these indices). Unpacks like a TopK."""
+
+    def __new__(cls, values: Tensor, indices: Tensor, sort: native.IndexSort) -> _Encoded:
+        self = super().__new__(cls, values, indices)
+        self.sort = sort
+        return self
+
 
 def gemm_dtype(x: Tensor) -> torch.dtype:
     """The dtype of the encoder product: the autocast dtype when autocast is on, else x's dtype."""
@@ -71,10 +85,12 @@ def gemm_dtype(x: Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------- building blocks
 
 
-def _native(*tensors: Tensor) -> bool:
-    """Whether the C kernels take these tensors (CPU, contiguous, fp32 or bf16)."""
-    ok = all(t.dtype in (torch.float32, torch.bfloat16, torch.int64) for t in tensors)
-    return ok and native.usable(*tensors)
+FP32 = (torch.float32,)
+
+
+def _native(*tensors: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.int64)) -> bool:
+    """Whether the C kernels take these tensors: loaded, contiguous CPU tensors of ``dtypes``."""
+    return all(t.dtype in dtypes for t in tensors) and native.usable(*tensors)
 
 
 def _topk_relu(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -109,10 +125,11 @@ def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
 
 
 def scatter_rows(weights: Tensor, indices: Tensor, x: Tensor, n_latents: int, shift: Tensor | None = None,
-                 check: bool = True) -> tuple[Tensor, Tensor]:
+                 check: bool = True, sort: native.IndexSort | None = None) -> tuple[Tensor, Tensor]:
     """``sum_{(i,j): indices[i,j]==f} weights[i,j] * (x[i] - shift)`` as a dense [F, d], and
     ``sum weights`` per f [F] (fp32 for bf16 x). Never materialises the [N*k, d] outer products
-    (nor x - shift). ``check=False`` skips the range check of indices made by the encoder itself.
+    (nor x - shift). ``check=False`` skips the range check of indices made by the encoder itself;
+    ``sort``: a decode backward's sort of the same indices (``native.IndexSort``).
     """
     low = x.dtype in (torch.bfloat16, torch.float16)
     weights = weights.to(torch.float32 if low else x.dtype).contiguous()
@@ -121,7 +138,8 @@ def scatter_rows(weights: Tensor, indices: Tensor, x: Tensor, n_latents: int, sh
     ):
         if check:
             _check_indices(indices, n_latents)
-        return native.scatter_rows(weights, indices, x, n_latents, True, None if shift is None else shift.contiguous())
+        return native.scatter_rows(weights, indices, x, n_latents, True, None if shift is None else shift.contiguous(),
+                                   sort)
     if low:
         x = x.float()
     if check:
@@ -157,10 +175,11 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, auxk: int, aux_mask: Tensor | None,
-                x_low: Tensor | None):
+                x_low: Tensor | None, sort: native.IndexSort):
         u_low = x_low if x_low is not None else _low_precision_input(x, b)
         outputs = _encode_chunks(x, W_enc, b, k, auxk, aux_mask, u_low)
         ctx.save_for_backward(x, W_enc, b, u_low, *outputs)
+        ctx.sort = sort
         ctx.mark_non_differentiable(*outputs[1::2])
         ctx.set_materialize_grads(False)  # unused outputs get None, not zeros
         return tuple(outputs)
@@ -169,9 +188,10 @@ class _TopKEncode(torch.autograd.Function):
     def backward(ctx, grad_values, _grad_indices, grad_aux=None, _grad_aux_indices=None):
         x, W_enc, b, u_low, values, indices, *aux = ctx.saved_tensors
         if grad_values is None and grad_aux is None:
-            return None, None, None, None, None, None, None
-        grad = torch.zeros_like(values) if grad_values is None else grad_values * (values > 0)
-        if aux and grad_aux is not None:
+            return None, None, None, None, None, None, None, None
+        grad, sort = torch.zeros_like(values) if grad_values is None else grad_values * (values > 0), ctx.sort
+        if aux and grad_aux is not None:  # the decoder's sort is of the main indices alone
+            sort = None
             grad = torch.cat([grad, grad_aux * (aux[0] > 0)], dim=-1)
             indices = torch.cat([indices, aux[1]], dim=-1)
         grad_x = grad_W = grad_b = None
@@ -179,14 +199,14 @@ class _TopKEncode(torch.autograd.Function):
             grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad.to(W_enc.dtype), mode="sum").to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             if u_low is not None:  # under autocast, from the product's own inputs (as autocast's linear does)
-                grad_W, per_latent = scatter_rows(grad, indices, u_low, W_enc.shape[0], check=False)
+                grad_W, per_latent = scatter_rows(grad, indices, u_low, W_enc.shape[0], check=False, sort=sort)
             else:  # the encoder saw x - b
                 shift = None if b is None else b.detach().to(x.dtype)
-                grad_W, per_latent = scatter_rows(grad, indices, x, W_enc.shape[0], shift, check=False)
+                grad_W, per_latent = scatter_rows(grad, indices, x, W_enc.shape[0], shift, check=False, sort=sort)
             grad_W = grad_W.to(W_enc.dtype)
             if b is not None and ctx.needs_input_grad[2]:
                 grad_b = -(per_latent.to(W_enc.dtype) @ W_enc)
-        return grad_x, grad_W, grad_b, None, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None, None, None
 
 
 @torch.no_grad()
@@ -371,10 +391,9 @@ def topk_encode(
     use_aux = aux_mask is not None and auxk > 0  # an empty mask costs a slower path, not an error
     if x_low is not None and x_low.dtype != gemm_dtype(x):
         x_low = None
-    out = _TopKEncode.apply(x.contiguous(), W_enc, b, k, auxk, aux_mask if use_aux else None, x_low)
-    if len(out) == 2:
-        return TopK(*out), None
-    return TopK(out[0], out[1]), TopK(out[2], out[3])
+    sort = native.IndexSort()
+    out = _TopKEncode.apply(x.contiguous(), W_enc, b, k, auxk, aux_mask if use_aux else None, x_low, sort)
+    return _Encoded(out[0], out[1], sort), (TopK(out[2], out[3]) if len(out) == 4 else None)
 
 
 # ----------------------------------------------------------------------------- the loss's dense passes
@@ -396,7 +415,7 @@ class _ScaledError(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, decoded: Tensor, b: Tensor, z: Tensor, scale: Tensor, x: Tensor, n_layers: int):
-        ctx.native = _fp32_native(decoded, b, z, scale, x)
+        ctx.native = _native(decoded, b, z, scale, x, dtypes=FP32)
         if ctx.native:
             error, recon, per_row = native.scaled_error(decoded, b.detach(), z, scale, x)
             mse = per_row.view(n_layers, -1).sum(1) / (error.numel() // n_layers)
@@ -425,10 +444,6 @@ class _ScaledError(torch.autograd.Function):
         return grad, grad_b if ctx.needs_input_grad[1] else None, None, None, None, None
 
 
-def _fp32_native(*tensors: Tensor) -> bool:
-    return all(t.dtype == torch.float32 for t in tensors) and native.usable(*tensors)
-
-
 def standardize(x: Tensor, eps: float, shift: Tensor | None = None) -> tuple[Standardized, Tensor, Tensor | None]:
     """Per-token standardization of ``x [..., d]`` (std + ``eps``), and each token's squared norm
     after centering.
@@ -437,7 +452,7 @@ def standardize(x: Tensor, eps: float, shift: Tensor | None = None) -> tuple[Sta
     under bf16 autocast and with the C kernels, also ``bf16(z - shift)`` from the same pass (the
     encoder's input, for ``topk_encode``'s ``x_low``), else None.
     """
-    if x.dim() == 2 and x.dtype == torch.float32 and native.usable(x):
+    if x.dim() == 2 and _native(x, dtypes=FP32):
         if shift is not None and not (gemm_dtype(x) == torch.bfloat16 and shift.dtype == x.dtype):
             shift = None
         z, mean, scale, sq_norm, low = native.standardize(x, eps, shift)
@@ -460,7 +475,7 @@ def scaled_error(decoded: Tensor, b: Tensor, z: Tensor, scale: Tensor, x: Tensor
 def project_rows_(g: Tensor, w: Tensor) -> None:
     """In place, ``g[f] -= <g[f], w[f]> w[f]`` for every row: removes from the decoder's gradient its
     component along each (unit) decoder row."""
-    if g.dtype == w.dtype == torch.float32 and native.usable(g, w):
+    if _native(g, w, dtypes=FP32):
         native.project_rows(g, w)
     else:
         g.addcmul_(w, torch.linalg.vecdot(g, w).unsqueeze(-1), value=-1)
@@ -473,8 +488,9 @@ class _SparseDecode(torch.autograd.Function):
     """embedding_bag forward; backward in one C pass over the output gradient (no sort, no [N*k, d] temporaries)."""
 
     @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, sort: native.IndexSort | None) -> Tensor:
         ctx.save_for_backward(values, indices, W_dec)
+        ctx.sort = sort
         with torch.autocast(W_dec.device.type, enabled=False):
             return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
 
@@ -483,11 +499,11 @@ class _SparseDecode(torch.autograd.Function):
         values, indices, W_dec = ctx.saved_tensors
         grad_out = grad_out.contiguous().float()
         if ctx.needs_input_grad[0] and ctx.needs_input_grad[2]:
-            grad_W, grad_values = native.decode_backward(values, indices, grad_out, W_dec)
-            return grad_values, None, grad_W
+            grad_W, grad_values = native.decode_backward(values, indices, grad_out, W_dec, ctx.sort)
+            return grad_values, None, grad_W, None
         grad_values = native.gather_dot(indices, W_dec, grad_out) if ctx.needs_input_grad[0] else None
         grad_W = scatter_rows(values, indices, grad_out, W_dec.shape[0])[0] if ctx.needs_input_grad[2] else None
-        return grad_values, None, grad_W
+        return grad_values, None, grad_W, None
 
 
 def sparse_decode(topk: TopK, W_dec: Tensor) -> Tensor:
@@ -497,7 +513,7 @@ def sparse_decode(topk: TopK, W_dec: Tensor) -> Tensor:
     values = topk.values.reshape(-1, shape[-1]).to(W_dec.dtype).contiguous()
     if W_dec.dtype == torch.float32 and _native(values, indices, W_dec):
         _check_indices(indices, W_dec.shape[0])
-        out = _SparseDecode.apply(values, indices, W_dec)
+        out = _SparseDecode.apply(values, indices, W_dec, getattr(topk, "sort", None))
     else:
         out = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
     return out.reshape(*shape[:-1], W_dec.shape[-1])

@@ -133,7 +133,7 @@ class MLSAE(
     def encode_standardized(self, z: Tensor) -> TopK:
         """Latents of vectors already standardized by ``standardize`` (its ``.x``)."""
         topk, _ = topk_encode((z - self.b_pre).reshape(-1, z.shape[-1]), self.W_enc, self.config.k)
-        return TopK(*(t.reshape(*z.shape[:-1], -1) for t in topk))
+        return topk.reshape(*z.shape[:-1])
 
     def decode(self, topk: TopK, standardized: Standardized | None = None) -> Tensor:
         """Reconstruct from latents; de-standardize with the input's own mean and scale when given."""
@@ -181,7 +181,7 @@ class MLSAE(
             auxk_loss = torch.nan_to_num((aux_recon - residual).pow(2).mean() / denom)
             loss = loss + cfg.auxk_coef * auxk_loss
         recon = recon.reshape(L, N, d)  # x + error = (decoded + b_pre) * scale + mean
-        topk = TopK(*(t.reshape(L, N, -1) for t in topk))
+        topk = topk.reshape(L, N)
         return Loss(loss, fvu.detach(), auxk_loss, topk, recon)
 
     # ----- initialisation and constraints -----

@@ -131,7 +131,7 @@ def _build() -> Path:
         raise RuntimeError("no C compiler found (set CC)")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(), _cpu_id()])).hexdigest()[:16]
-    folder = Path(os.environ.get("MLSAE_NATIVE_CACHE") or cache_dir() / "native") / key
+    folder = cache_dir() / "native" / key
     target = folder / "mlsae_native.so"
     if target.is_file():
         return target
@@ -250,41 +250,42 @@ def rescore(values: Tensor, indices: Tensor, k: int, n_latents: int, error: Tens
     return out_v, out_i, flag.bool()
 
 
-class _Buckets:
-    """The latest decode backward's counting sort of its indices, for the encoder's scatter.
+class IndexSort:
+    """A counting sort of one TopK's indices by latent (the order of its entries, latent by latent).
 
-    The decoder and the encoder of a step share the TopK indices, and the encoder's backward runs
-    right after the decoder's; one slot, matched on the very same data (the tensor is held, so its
-    memory cannot be reused meanwhile) and its version counter, used once.
+    The decoder's and the encoder's backward both scatter over the same indices; the decoder's,
+    which runs first, sorts them and leaves the sort here for the encoder's. One is made per
+    encode (``mlsae.kernels.topk_encode``) and travels with its ``TopK``; it is used once, and
+    only for the very same indices (same memory, unchanged since).
     """
 
-    slot: tuple | None = None
+    def __init__(self) -> None:
+        self.saved: tuple | None = None
 
-    @classmethod
-    def keep(cls, indices: Tensor, n_rows: int, rows: Tensor, entry: Tensor, start: Tensor) -> None:
-        cls.slot = (indices, indices._version, n_rows, rows, entry, start)
+    def keep(self, indices: Tensor, n_rows: int, rows: Tensor, entry: Tensor, start: Tensor) -> None:
+        self.saved = (indices, indices._version, n_rows, rows, entry, start)
 
-    @classmethod
-    def take(cls, indices: Tensor, n_rows: int) -> tuple[Tensor, Tensor, Tensor] | None:
-        slot, cls.slot = cls.slot, None
-        if slot is None:
+    def take(self, indices: Tensor, n_rows: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        saved, self.saved = self.saved, None
+        if saved is None:
             return None
-        kept, version, kept_rows, rows, entry, start = slot
+        kept, version, kept_rows, rows, entry, start = saved
         same = (kept.data_ptr() == indices.data_ptr() and kept.shape == indices.shape and kept.stride() == indices.stride()
                 and kept._version == version == indices._version and kept_rows == n_rows)
         return (rows, entry, start) if same else None
 
 
 def scatter_rows(w: Tensor, indices: Tensor, X: Tensor, n_rows: int, with_sum: bool = False,
-                 shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                 shift: Tensor | None = None, sort: IndexSort | None = None) -> tuple[Tensor, Tensor | None]:
     """``out[f] = sum over (i, j) with indices[i, j] == f of w[i, j] * (X[i] - shift)``: [n_rows, d]
-    (and the sums of w). X is fp32 or bf16."""
+    (and the sums of w). X is fp32 or bf16. ``sort``: where a decode backward left its sort of
+    these indices (used if it matches)."""
     n, k = indices.shape
     d = X.shape[1]
     out = torch.empty(n_rows, d, dtype=torch.float32)
     wsum = torch.empty(n_rows, dtype=torch.float32) if with_sum else None
     weights = torch.empty(n * k, dtype=torch.float32)
-    buckets = _Buckets.take(indices, n_rows)
+    buckets = sort.take(indices, n_rows) if sort is not None else None
     if buckets is None:
         rows, entry, start = torch.empty(n * k, dtype=torch.int64), None, torch.empty(n_rows + 1, dtype=torch.int64)
     else:
@@ -297,8 +298,11 @@ def scatter_rows(w: Tensor, indices: Tensor, X: Tensor, n_rows: int, with_sum: b
     return out, wsum
 
 
-def decode_backward(values: Tensor, indices: Tensor, grad_out: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of ``out[i] = sum_j values[i, j] * W[indices[i, j]]``: (dL/dW [F, d], dL/dvalues [n, k])."""
+def decode_backward(values: Tensor, indices: Tensor, grad_out: Tensor, W: Tensor, sort: IndexSort | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """Gradients of ``out[i] = sum_j values[i, j] * W[indices[i, j]]``: (dL/dW [F, d], dL/dvalues [n, k]).
+
+    ``sort``: where to leave this pass's sort of ``indices`` for the encoder's scatter."""
     n, k = indices.shape
     n_rows, d = W.shape
     grad_W = torch.empty(n_rows, d, dtype=torch.float32)
@@ -310,7 +314,8 @@ def decode_backward(values: Tensor, indices: Tensor, grad_out: Tensor, W: Tensor
         values, indices, grad_out, W, n, k, d, n_rows, grad_W, grad_v,
         rows, weights, entry, start, _threads(),
     )
-    _Buckets.keep(indices, n_rows, rows, entry, start)
+    if sort is not None:
+        sort.keep(indices, n_rows, rows, entry, start)
     return grad_W, grad_v
 
 

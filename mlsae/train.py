@@ -31,7 +31,7 @@ from simple_parsing import field as flag
 from tqdm.auto import tqdm
 
 from mlsae import native
-from mlsae.data import ChunkLoader, load_chunks
+from mlsae.data import ChunkLoader, DataOptions, load_chunks
 from mlsae.fetch import DEFAULT_MODEL
 from mlsae.formats import mlsae_name
 from mlsae.model import MLSAE, SAEConfig, SAEOptions
@@ -43,8 +43,10 @@ from mlsae.utils import MLSAEError, atomic_write_text, run_cli
 
 
 @dataclass
-class TrainConfig(SAEOptions):
-    """Options of ``python -m mlsae.train`` (lists of expansion factors and k train a sweep).
+class TrainConfig(SAEOptions, DataOptions):
+    """Options of ``python -m mlsae.train`` (lists of expansion factors and k train a sweep): the
+    SAE's options (``SAEOptions``), the data options (``DataOptions``, with training's defaults
+    below) and these.
 
     The defaults are the embedded default profile (SmolLM2 + Brown, minutes on a 2-core CPU);
     ``profiles/*.yaml`` override them (``--config_path``), e.g. the paper's setup.
@@ -62,27 +64,20 @@ class TrainConfig(SAEOptions):
     """Steps of linear learning-rate warm-up from 0 to lr."""
     lr_schedule: str = flag(default="linear", choices=["constant", "linear", "cosine"])
     """After the warm-up: constant, or a linear or cosine decay to 0 at the last step."""
-    path: str = "brown"
-    """Training data: a .jsonl[.zst] file, a folder of splits, 'brown', or a hub dataset id."""
-    max_length: int = 256
-    """Tokens per sequence."""
+    split: str = "train"
+    """Split of the data."""
     batch_size: int = 1
     """Sequences per transformer forward (micro-batch)."""
     tokens_per_step: int = 256
     """Tokens per optimizer step (gradient accumulation over micro-batches)."""
     max_tokens: int = 393_216
-    """Training tokens in total."""
+    """Training tokens in total (the positions that the position rule leaves out are then ignored)."""
     layers: list[int] | None = flag(default=None, nargs="*")
     """Transformer layers to read (default: all); one layer trains a per-layer SAE."""
     seed: int = 42
     """Seed of the initialisation and the data order."""
     out_dir: str = "runs/default"
     """Where checkpoints, logs and the trained MLSAEs go."""
-    precision: str = flag(default="auto", choices=["auto", "bf16", "fp32"])
-    """Autocast precision of the transformer and the encoder product (weights stay fp32); auto: the
-    faster on this machine, measured once (mlsae.precision)."""
-    device: str = "auto"
-    """cpu, cuda, or auto."""
     log_every: int = 16
     """Steps between metrics lines in metrics.jsonl."""
     checkpoint_every: int = 128
@@ -96,19 +91,20 @@ class TrainConfig(SAEOptions):
     the command line applies it before training; a library call of train() leaves the process alone)."""
 
     def __post_init__(self) -> None:
+        DataOptions.__post_init__(self)
+        SAEOptions.__post_init__(self)
         if self.tokens_per_step % (self.batch_size * self.max_length):
             raise MLSAEError(
                 f"tokens_per_step ({self.tokens_per_step}) must be a multiple of batch_size x max_length "
                 f"({self.batch_size} x {self.max_length} = {self.batch_size * self.max_length})"
             )
-        for name in ("max_length", "batch_size", "tokens_per_step", "max_tokens", "log_every", "checkpoint_every"):
+        for name in ("tokens_per_step", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise MLSAEError(f"--{name} must be positive, got {getattr(self, name)}")
         if min(self.expansion_factor) < 1 or min(self.k) < 1:
             raise MLSAEError("--expansion_factor and -k must be positive")
         if self.warmup_steps < 0:
             raise MLSAEError(f"--warmup_steps must be 0 or more, got {self.warmup_steps}")
-        super().__post_init__()
 
     @property
     def steps(self) -> int:
@@ -134,7 +130,7 @@ RESUMABLE = {"resume", "wandb", "log_every", "checkpoint_every", "device", "out_
 
 
 @dataclass
-class Run:
+class SweepSAE:
     """One MLSAE of the sweep with its optimizer and output folder."""
 
     name: str
@@ -191,7 +187,7 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def make_runs(cfg: TrainConfig, d_model: int, layers: list[int], device: torch.device, out: Path) -> list[Run]:
+def make_sweep(cfg: TrainConfig, d_model: int, layers: list[int], device: torch.device, out: Path) -> list[SweepSAE]:
     runs = []
     for ef, k in cfg.sweep():
         torch.manual_seed(cfg.seed)  # every run of a sweep starts as its solo run would
@@ -201,7 +197,7 @@ def make_runs(cfg: TrainConfig, d_model: int, layers: list[int], device: torch.d
         # fused: one pass over each parameter instead of ~10 (5x faster on a CPU; one kernel on a GPU)
         optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10, fused=True)
         name = mlsae_name(cfg.model_name, ef, k)
-        runs.append(Run(name, sae, optimizer, out / name))
+        runs.append(SweepSAE(name, sae, optimizer, out / name))
     return runs
 
 
@@ -218,7 +214,7 @@ def resolve_layers(cfg: TrainConfig, n_layers: int) -> list[int]:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(out: Path, cfg: TrainConfig, runs: list[Run], step: int, loader: ChunkLoader, tokens: int) -> None:
+def save_checkpoint(out: Path, cfg: TrainConfig, runs: list[SweepSAE], step: int, loader: ChunkLoader, tokens: int) -> None:
     """Write every run's state into ``out/checkpoint`` as one atomic swap of a folder."""
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -253,7 +249,7 @@ def load_optimizer(optimizer: torch.optim.Adam, sae: MLSAE, tensors: dict[str, t
             optimizer.state[p] = state
 
 
-def load_checkpoint(out: Path, cfg: TrainConfig, runs: list[Run], loader: ChunkLoader) -> tuple[int, int]:
+def load_checkpoint(out: Path, cfg: TrainConfig, runs: list[SweepSAE], loader: ChunkLoader) -> tuple[int, int]:
     """Restore runs and data position from ``out/checkpoint``; returns (step, tokens)."""
     ckpt = out / "checkpoint"
     if not (ckpt / "trainer.json").is_file():
@@ -301,7 +297,7 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 
 
 def train_step(
-    runs: list[Run], transformer: Transformer, batches: list[torch.Tensor], cfg: TrainConfig,
+    runs: list[SweepSAE], transformer: Transformer, batches: list[torch.Tensor], cfg: TrainConfig,
     layers: list[int], autocast: contextlib.AbstractContextManager, world: int,
 ) -> list[dict]:
     """One optimizer step of every run over the micro-batches of this rank; returns their stats."""
@@ -341,7 +337,7 @@ def train_step(
     return stats
 
 
-def init_pre_bias(runs: list[Run], transformer: Transformer, micro: list[torch.Tensor], cfg: TrainConfig,
+def init_pre_bias(runs: list[SweepSAE], transformer: Transformer, micro: list[torch.Tensor], cfg: TrainConfig,
                   layers: list[int], autocast: contextlib.AbstractContextManager) -> None:
     """Initialise every run's pre-encoder bias from the whole first step (all micro-batches, all ranks)."""
     with torch.no_grad(), autocast:
@@ -385,9 +381,9 @@ def train(cfg: TrainConfig) -> list[Path]:
     for ef, k in cfg.sweep():
         if k > transformer.d_model * ef:
             raise MLSAEError(f"k={k} is larger than the number of latents ({transformer.d_model} x {ef})")
-    chunks = load_chunks(cfg.path, "train", tokenizer, cfg.max_length, max_tokens=cfg.max_tokens)
+    chunks = load_chunks(cfg.path, cfg.split, tokenizer, cfg.max_length, max_tokens=cfg.max_tokens)
     loader = ChunkLoader(chunks, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
-    runs = make_runs(cfg, transformer.d_model, layers, device, out)
+    runs = make_sweep(cfg, transformer.d_model, layers, device, out)
 
     step, tokens = 0, 0
     if cfg.resume:
@@ -448,7 +444,7 @@ def save_model(sae: MLSAE, folder: Path) -> None:
     tmp.rmdir()
 
 
-def log_record(run: Run, st: dict, step: int, tokens: int, tokens_per_s: float, precision: str) -> dict:
+def log_record(run: SweepSAE, st: dict, step: int, tokens: int, tokens_per_s: float, precision: str) -> dict:
     dead = run.sae.dead_mask(per_layer=True).float().mean(-1)
     record = {
         "step": step,
@@ -468,7 +464,7 @@ def log_record(run: Run, st: dict, step: int, tokens: int, tokens_per_s: float, 
     return record
 
 
-def start_wandb(cfg: TrainConfig, runs: list[Run]) -> list:
+def start_wandb(cfg: TrainConfig, runs: list[SweepSAE]) -> list:
     try:
         import wandb
     except ImportError as e:

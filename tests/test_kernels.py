@@ -345,23 +345,33 @@ def test_native_scatters_do_not_depend_on_threads():
 
 
 @native_only
-def test_encoder_scatter_reuses_the_decoder_buckets():
-    """The decode backward's counting sort serves the encoder scatter of the same indices, once."""
+def test_encoder_scatter_reuses_the_decoder_sort():
+    """The decode backward's counting sort serves the encoder scatter of the same indices, once,
+    through the IndexSort it is handed (no state elsewhere)."""
     g = torch.Generator().manual_seed(3)
     w, x, G = torch.randn(300, 6, generator=g), torch.randn(300, 20, generator=g), torch.randn(300, 20, generator=g)
     W = torch.randn(50, 20, generator=g)
     idx = torch.randint(0, 50, (300, 6), generator=g)
     fresh = native.scatter_rows(w, idx, x, 50, with_sum=True)
-    native.decode_backward(torch.rand(300, 6, generator=g), idx.view(-1, 6), G, W)
-    assert native._Buckets.slot is not None
-    reused = native.scatter_rows(w, idx, x, 50, with_sum=True)
-    assert native._Buckets.slot is None
+    sort = native.IndexSort()
+    native.decode_backward(torch.rand(300, 6, generator=g), idx.view(-1, 6), G, W, sort)
+    assert sort.saved is not None
+    reused = native.scatter_rows(w, idx, x, 50, with_sum=True, sort=sort)
+    assert sort.saved is None
     for a, b in zip(fresh, reused):
         assert torch.equal(a, b)
-    native.decode_backward(w, idx, G, W)
-    idx[0, 0] = (idx[0, 0] + 1) % 50  # changed in place: the buckets no longer apply
-    torch.testing.assert_close(native.scatter_rows(w, idx, x, 50)[0], torch.zeros(50, 20).index_add_(
+    native.decode_backward(w, idx, G, W, sort)
+    idx[0, 0] = (idx[0, 0] + 1) % 50  # changed in place: the sort no longer applies
+    torch.testing.assert_close(native.scatter_rows(w, idx, x, 50, sort=sort)[0], torch.zeros(50, 20).index_add_(
         0, idx.flatten(), (w[:, :, None] * x[:, None, :]).reshape(-1, 20)), rtol=1e-5, atol=1e-5)
+    # In a step: the encoder's TopK carries the sort that its decoder's backward fills in.
+    W_enc, W_dec = W.clone().requires_grad_(), W.clone().requires_grad_()
+    topk, _ = topk_encode(x, W_enc, 6)
+    assert isinstance(topk.sort, native.IndexSort) and topk.sort.saved is None
+    between = []  # after the decoder's backward, before the encoder's
+    topk.values.register_hook(lambda grad: between.append(topk.sort.saved is not None))
+    sparse_decode(topk, W_dec).pow(2).sum().backward()
+    assert between == [True] and topk.sort.saved is None, "left by the decoder's backward, taken by the encoder's"
 
 
 @native_only
