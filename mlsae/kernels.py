@@ -189,7 +189,8 @@ class _TopKEncode(torch.autograd.Function):
         x, W_enc, b, u_low, values, indices, *aux = ctx.saved_tensors
         if grad_values is None and grad_aux is None:
             return None, None, None, None, None, None, None, None
-        grad, sort = torch.zeros_like(values) if grad_values is None else grad_values * (values > 0), ctx.sort
+        grad = torch.zeros_like(values) if grad_values is None else grad_values * (values > 0)
+        sort = ctx.sort
         if aux and grad_aux is not None:  # the decoder's sort is of the main indices alone
             sort = None
             grad = torch.cat([grad, grad_aux * (aux[0] > 0)], dim=-1)

@@ -47,7 +47,7 @@ def test_wheel_trains_evaluates_and_loads_in_a_fresh_venv(tmp_path):
     sh(base, "-m", "venv", tmp_path / "venv", cwd=tmp_path)
     py = tmp_path / "venv" / "bin" / "python"
     sh(py, "-m", "pip", "install", "-q", "-c", ROOT / "constraints.txt", wheel, cwd=tmp_path)
-    missing = sh(py, "-c", "import importlib.util as u, json, sys; "
+    missing = sh(py, "-c", "import importlib.util as u, json; "
                  f"print(json.dumps([m for m in {list(NOT_INSTALLED)!r} if u.find_spec(m)]))", cwd=tmp_path)
     assert json.loads(missing) == [], "installed with the library, but only the book needs it"
 
