@@ -56,7 +56,7 @@ $(NB_OUT)/%.ipynb: notebooks/%.ipynb $(PROFILE_FILE) $(PKG_SRC) $(OUT)/.fetched
 # What each notebook reads from the notebooks before it.
 $(NB_OUT)/evaluation.ipynb $(NB_OUT)/layer_distributions.ipynb $(NB_OUT)/prompt_heatmaps.ipynb \
 	$(NB_OUT)/decoder_geometry.ipynb: $(NB_OUT)/train.ipynb
-$(NB_OUT)/layer_distributions.ipynb: $(NB_OUT)/residual_geometry.ipynb
+$(NB_OUT)/layer_distributions.ipynb: $(NB_OUT)/residual_geometry.ipynb $(NB_OUT)/evaluation.ipynb
 $(NB_OUT)/examples.ipynb $(NB_OUT)/decoder_geometry.ipynb $(NB_OUT)/prompt_heatmaps.ipynb: $(NB_OUT)/layer_distributions.ipynb
 $(NB_OUT)/baselines.ipynb: $(NB_OUT)/evaluation.ipynb
 $(NB_OUT)/performance.ipynb: $(NB_OUT)/evaluation.ipynb $(NB_OUT)/layer_distributions.ipynb $(wildcard out/bench.json)

@@ -69,7 +69,7 @@ def run_recipe(name: str, overrides: dict, base: TrainConfig, eval_base: EvalCon
     else:
         (folder,) = train(replace(cfg, resume=(out / "checkpoint").exists()))
         seconds = time.perf_counter() - started
-    results = evaluate(replace(eval_base, sae=str(folder), out_dir=str(out)))
+    results = evaluate(replace(eval_base, sae=str(folder), out_dir=str(out))).results
     return {"recipe": name, "overrides": overrides, "tokens": max_tokens, "steps": cfg.steps,
             "train_seconds": seconds, "fvu": results["train/fvu/avg"],
             "ce_recovered": results["val/loss/recovered/avg"], "delta_ce": results["val/loss/delta/avg"],

@@ -25,6 +25,7 @@ from book.stages import (
     ensure_evaluated,
     ensure_resid,
     ensure_trained,
+    eval_dists_path,
     eval_path,
     main_run,
     read_metrics,
@@ -58,6 +59,6 @@ def setup(profile: str = "default", *, quiet: bool = True) -> Profile:
 
 
 __all__ = [
-    "PAPER", "EvalConfig", "claims", "analysis_dir", "data_options", "ensure_analysis_pass", "ensure_decoder", "ensure_resid", "Profile", "Results", "ensure_evaluated", "ensure_trained", "eval_path", "fmt_number",
+    "PAPER", "EvalConfig", "claims", "analysis_dir", "data_options", "ensure_analysis_pass", "ensure_decoder", "ensure_resid", "Profile", "Results", "ensure_evaluated", "ensure_trained", "eval_dists_path", "eval_path", "fmt_number",
     "load_profile", "main_run", "ratio_verdict", "number_tokens", "profile_path", "read_metrics", "recipe_study", "repo_root", "run_dirs", "sae_config", "sae_positions", "setup", "train_status", "write_tables",
 ]

@@ -7,6 +7,8 @@ notebook of the book agree on them:
   ``python -m mlsae.train --config_path profiles/<name>.yaml``);
 - ``baselines``: per-layer SAEs (the paper's single-layer baselines): ``layers`` and the
   train options that differ from ``train``;
+- ``transfer``: ``mlsae.evaluate`` options that differ from ``evaluate`` for evaluating each
+  per-layer SAE at every layer (the baselines chapter's transfer matrix);
 - ``evaluate``: options of ``mlsae.evaluate`` for every trained SAE;
 - ``analysis``: which MLSAE of the sweep the analyses look at, token budgets and prompts;
 - ``fetch``: what ``make fetch`` prepares (``embedded``, ``tiny`` or ``hub``).
@@ -122,22 +124,16 @@ class Profile:
             values["out_dir"] = str(Path(values.get("out_dir", self.runs_dir() / "sweep")).with_name(sweep))
         return TrainConfig(**_only_known(TrainConfig, values, f"{self.path} train"))
 
-    def baseline_configs(self, runs_dir: str | Path | None = None, **overrides: Any) -> list[TrainConfig]:
-        """One ``TrainConfig`` per baseline layer: a single-layer SAE in ``<runs_dir>/layer-<l>``."""
-        section = self.section("baselines")
-        layers = _drop_none(overrides).pop("layers", None) or section.pop("layers", [])
-        section.pop("layers", None)
-        base = self.section("train")
-        base.update(section)
-        changed = {k: v for k, v in _drop_none(overrides).items() if k != "layers" and base.get(k) != v}
-        base.update(changed)
+    def baseline_config(self, runs_dir: str | Path | None = None, **overrides: Any) -> TrainConfig:
+        """The per-layer SAEs: one single-layer SAE per baseline layer (``per_layer``), all trained
+        from one transformer pass, in ``<runs_dir>/baselines``; ``None`` overrides keep the profile's."""
+        values = self.section("train")
+        values.update(self.section("baselines"))
+        changed = {k: v for k, v in _drop_none(overrides).items() if values.get(k) != v}
+        values.update(changed, per_layer=True)
         suffix = "" if not changed else "-" + _digest(changed)  # experiments never replace the profile's runs
-        root = Path(runs_dir) if runs_dir is not None else self.runs_dir()
-        configs = []
-        for layer in layers:
-            values = {**base, "layers": [int(layer)], "out_dir": str(root / f"layer-{layer}{suffix}")}
-            configs.append(TrainConfig(**_only_known(TrainConfig, values, f"{self.path} baselines")))
-        return configs
+        values["out_dir"] = str((Path(runs_dir) if runs_dir is not None else self.runs_dir()) / f"baselines{suffix}")
+        return TrainConfig(**_only_known(TrainConfig, values, f"{self.path} baselines"))
 
     def eval_config(self, sae: str | Path, out_dir: str | Path, **overrides: Any) -> EvalConfig:
         """``mlsae.evaluate`` options for one trained SAE; results go to ``out_dir``."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from mlsae import native
-from mlsae.formats import mlsae_name, sae_name
+from mlsae.formats import sae_name
 from mlsae.train import RESUMABLE, TrainConfig, train
 from mlsae.utils import MLSAEError, atomic_write_text
 
@@ -34,7 +34,7 @@ from book.profile import EvalConfig
 
 # The modules whose code decides each cached stage's results: a change to any of them recomputes
 # the stage.
-EVAL_CODE = ("mlsae.evaluate", "mlsae.metrics", "mlsae.positions", "mlsae.model", "mlsae.formats", "mlsae.kernels", "mlsae.transformer", "mlsae.data")
+EVAL_CODE = ("mlsae.evaluate", "mlsae.metrics", "mlsae.analysis.dists", "mlsae.positions", "mlsae.model", "mlsae.formats", "mlsae.kernels", "mlsae.transformer", "mlsae.data")
 PASS_CODE = ("mlsae.analysis.run", "mlsae.analysis.stream", "mlsae.positions", "mlsae.analysis.dists", "mlsae.analysis.variances",
              "mlsae.analysis.examples", "mlsae.analysis.common", "mlsae.model", "mlsae.formats", "mlsae.kernels", "mlsae.transformer",
              "mlsae.data")
@@ -96,7 +96,7 @@ def cached(folder: Path, stage: str, *, options: dict, code: tuple[str, ...], in
 
 def run_dirs(cfg: TrainConfig) -> list[Path]:
     """The folders ``train(cfg)`` writes its SAEs to, in sweep order."""
-    return [Path(cfg.out_dir) / mlsae_name(cfg.model_name, ef, k) for ef, k in cfg.sweep()]
+    return [Path(cfg.out_dir) / name for name, *_ in cfg.members()]
 
 
 def _comparable(config: dict) -> dict:
@@ -153,6 +153,11 @@ def eval_path(out_dir: str | Path, run_dir: str | Path) -> Path:
     return Path(out_dir) / f"test_{sae_name(run_dir)}.json"
 
 
+def eval_dists_path(out_dir: str | Path, run_dir: str | Path) -> Path:
+    """Where an evaluation wrote its latents' counts and totals per layer (``Dists.load`` reads it)."""
+    return Path(out_dir) / f"test_{sae_name(run_dir)}.dists.safetensors"
+
+
 def ensure_evaluated(cfg: EvalConfig) -> tuple[dict, dict]:
     """``mlsae.evaluate`` results of ``cfg.sae`` (a local folder), computed unless up to date.
 
@@ -164,11 +169,11 @@ def ensure_evaluated(cfg: EvalConfig) -> tuple[dict, dict]:
 
     def compute() -> None:
         start = time.perf_counter()
-        results = evaluate(cfg)
-        write_results(results, cfg, sae_name(cfg.sae), extra={"seconds": time.perf_counter() - start})
+        write_results(evaluate(cfg), cfg, sae_name(cfg.sae), extra={"seconds": time.perf_counter() - start})
 
     info = cached(Path(cfg.out_dir), f"evaluate {sae_name(cfg.sae)}", options=asdict(cfg), code=EVAL_CODE,
-                  inputs=(Path(cfg.sae) / "model.safetensors",), outputs=(path,), compute=compute)
+                  inputs=(Path(cfg.sae) / "model.safetensors",), outputs=(path, eval_dists_path(cfg.out_dir, cfg.sae)),
+                  compute=compute)
     return json.loads(path.read_text())["results"], info
 
 

@@ -74,6 +74,9 @@ class TrainConfig(SAEOptions, DataOptions):
     """Training tokens in total (the positions that the position rule leaves out are then ignored)."""
     layers: list[int] | None = flag(default=None, nargs="*")
     """Transformer layers to read (default: all); one layer trains a per-layer SAE."""
+    per_layer: bool = False
+    """Train one single-layer SAE per layer of --layers (of every size of the sweep) from the same
+    transformer pass, instead of one MLSAE over them: the paper's per-layer baselines."""
     seed: int = 42
     """Seed of the initialisation and the data order."""
     out_dir: str = "runs/default"
@@ -105,6 +108,12 @@ class TrainConfig(SAEOptions, DataOptions):
             raise MLSAEError("--expansion_factor and -k must be positive")
         if self.warmup_steps < 0:
             raise MLSAEError(f"--warmup_steps must be 0 or more, got {self.warmup_steps}")
+        if self.per_layer and not self.layers:
+            raise MLSAEError("--per_layer needs --layers: the layers to train a single-layer SAE at")
+        if self.per_layer and self.max_norm_ratio is not None:
+            # the norm rule looks at every layer read: in one pass, a layer's SAE would lose positions
+            # that are outliers at another layer
+            raise MLSAEError("--per_layer cannot use --max_norm_ratio; train each layer on its own (--layers L)")
 
     @property
     def steps(self) -> int:
@@ -124,6 +133,13 @@ class TrainConfig(SAEOptions, DataOptions):
     def sweep(self) -> list[tuple[int, int]]:
         return list(itertools.product(self.expansion_factor, self.k))
 
+    def members(self) -> list[tuple[str, int, int, list[int] | None]]:
+        """(name, expansion factor, k, layers) of every SAE trained, in order: the sweep, with
+        ``per_layer`` one SAE per layer for each of its sizes (layers None: every layer)."""
+        groups = [[layer] for layer in self.layers] if self.per_layer else [self.layers]
+        return [(mlsae_name(self.model_name, ef, k) + (f"-layer-{group[0]}" if self.per_layer else ""), ef, k, group)
+                for ef, k in self.sweep() for group in groups]
+
 
 # Options that may differ between a run and its resumption.
 RESUMABLE = {"resume", "wandb", "log_every", "checkpoint_every", "device", "out_dir", "malloc_tuning"}
@@ -137,6 +153,7 @@ class SweepSAE:
     sae: MLSAE
     optimizer: torch.optim.Adam
     out: Path
+    rows: slice  # which of the layers read it trains on: all, or one for a per-layer SAE
     objective: nn.Module = field(init=False)  # the loss, wrapped in DistributedDataParallel under torchrun
 
     def __post_init__(self) -> None:
@@ -188,16 +205,19 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def make_sweep(cfg: TrainConfig, d_model: int, layers: list[int], device: torch.device, out: Path) -> list[SweepSAE]:
+    """Every SAE of ``cfg`` (``TrainConfig.members``), initialised, with its optimizer; ``layers``:
+    the transformer layers each pass reads."""
     runs = []
-    for ef, k in cfg.sweep():
+    for name, ef, k, group in cfg.members():
+        group = group or layers
         torch.manual_seed(cfg.seed)  # every run of a sweep starts as its solo run would
-        sae_cfg = SAEConfig(n_inputs=d_model, n_latents=d_model * ef, k=k, n_layers=len(layers), layers=layers,
+        sae_cfg = SAEConfig(n_inputs=d_model, n_latents=d_model * ef, k=k, n_layers=len(group), layers=group,
                             model_name=cfg.model_name, **cfg.sae_options())
         sae = MLSAE(sae_cfg).to(device).train()
         # fused: one pass over each parameter instead of ~10 (5x faster on a CPU; one kernel on a GPU)
         optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10, fused=True)
-        name = mlsae_name(cfg.model_name, ef, k)
-        runs.append(SweepSAE(name, sae, optimizer, out / name))
+        rows = slice(layers.index(group[0]), layers.index(group[0]) + 1) if cfg.per_layer else slice(None)
+        runs.append(SweepSAE(name, sae, optimizer, out / name, rows))
     return runs
 
 
@@ -305,8 +325,8 @@ def train_step(
     device = runs[0].sae.W_enc.device
     # Summed on the device (scalars in float64, as Python floats would be): no host sync per micro-batch.
     scalars = [torch.zeros(3, dtype=torch.float64, device=device) for _ in runs]  # loss, auxk, l0
-    fvus = [torch.zeros(len(layers), device=device) for _ in runs]
-    fired = [torch.zeros(len(layers), r.sae.config.n_latents, dtype=torch.bool, device=device) for r in runs]
+    fvus = [torch.zeros(r.sae.config.n_layers, device=device) for r in runs]
+    fired = [torch.zeros(r.sae.config.n_layers, r.sae.config.n_latents, dtype=torch.bool, device=device) for r in runs]
     n_tokens = torch.zeros((), dtype=torch.long)
     for i, ids in enumerate(batches):
         with torch.no_grad(), autocast:
@@ -314,7 +334,7 @@ def train_step(
         n_tokens += x.shape[1]
         for run, sc, fvu, fi in zip(runs, scalars, fvus, fired):
             with autocast:
-                out = run.loss(x, sync=i == n_micro - 1)
+                out = run.loss(x[run.rows], sync=i == n_micro - 1)
             (out.loss / n_micro).backward()
             l0 = (out.topk.values > cfg.dead_threshold).sum(-1).float().mean()
             sc += torch.stack([out.loss.detach(), out.auxk_loss.detach(), l0]).double() / n_micro
@@ -344,7 +364,7 @@ def init_pre_bias(runs: list[SweepSAE], transformer: Transformer, micro: list[to
         x = torch.cat([read_residuals(transformer, ids, layers, cfg.positions).kept for ids in micro], dim=1)
     x = all_gather_cat(x)
     for run in runs:
-        run.sae.init_pre_bias(x)
+        run.sae.init_pre_bias(x[run.rows])
 
 
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:

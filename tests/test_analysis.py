@@ -105,6 +105,19 @@ def test_dists_save_load_round_trip(tmp_path):
     assert summary["x"] == 1 and summary["layers"] == [4, 5, 6] and summary["tokens"] == 9  # the caller's meta, typed
 
 
+
+def test_layers_active_and_multi_layer_summary():
+    counts = torch.tensor([[0, 5, 1, 0], [0, 5, 0, 0], [0, 20, 0, 3]], dtype=torch.float32)  # [L=3, F=4]
+    d = dists.Dists(counts, counts.clone(), [0, 1, 2])
+    assert d.layers_active(1).tolist() == [0, 3, 1, 1]
+    assert d.layers_active(5).tolist() == [0, 3, 0, 0]
+    table = d.multi_layer([1, 5, 50])
+    assert table.loc[1, "latents"] == 3 and table.loc[1, "mean layers"] == pytest.approx(5 / 3)
+    assert table.loc[1, "mean layers / layers"] == pytest.approx(5 / 9)
+    assert table.loc[1, "share at several layers"] == pytest.approx(1 / 3)
+    assert table.loc[5, "latents"] == 1 and table.loc[5, "mean layers"] == 3
+    assert table.loc[50, "latents"] == 0 and np.isnan(table.loc[50, "mean layers"])
+
 # ----------------------------------------------------------------------------------------------
 # variances
 

@@ -83,8 +83,7 @@ def test_training_ran_once_and_is_reused(smoke_book):
     prof = load_profile("smoke")
     cfg = prof.train_config(runs_dir=smoke_book["runs"])
     assert train_status(cfg) == "done"
-    for bcfg in prof.baseline_configs(runs_dir=smoke_book["runs"]):
-        assert train_status(bcfg) == "done"
+    assert train_status(prof.baseline_config(runs_dir=smoke_book["runs"])) == "done"
 
 
 def test_every_cached_stage_is_stamped_with_its_code(smoke_book):
@@ -234,7 +233,9 @@ def test_profiles_are_train_configs(name):
     cfg = prof.train_config()
     assert parse_args(["--config_path", str(prof.path)]) == cfg  # the profile doubles as mlsae.train's config
     assert cfg.out_dir == f"runs/{name}/sweep"
-    assert prof.baseline_configs() and all(len(b.layers) == 1 for b in prof.baseline_configs())
+    baselines = prof.baseline_config()
+    assert baselines.per_layer and len(baselines.layers) >= 2
+    assert [group for *_, group in baselines.members()] == [[layer] for layer in baselines.layers]
     prof.eval_config("some/folder", "out")
     assert {"expansion_factor", "k", "max_tokens", "prompts"} <= set(prof.analysis())
 
@@ -278,6 +279,6 @@ def test_experiments_never_replace_the_profiles_runs():
     other = prof.train_config(expansion_factor=[16])
     assert other.out_dir.startswith("runs/default/sweep-") and other.expansion_factor == [16]
     assert prof.train_config(runs_dir="/tmp/x").out_dir == "/tmp/x/sweep"
-    assert [b.out_dir for b in prof.baseline_configs()] == [f"runs/default/layer-{l}" for l in (5, 15, 25)]
-    (moved,) = prof.baseline_configs(layers=[3], max_tokens=4096)
-    assert moved.out_dir.startswith("runs/default/layer-3-") and moved.layers == [3] and moved.max_tokens == 4096
+    assert prof.baseline_config().out_dir == "runs/default/baselines"
+    moved = prof.baseline_config(layers=[3], max_tokens=4096)
+    assert moved.out_dir.startswith("runs/default/baselines-") and moved.layers == [3] and moved.max_tokens == 4096

@@ -18,6 +18,7 @@ from mlsae.data import load_chunks
 from mlsae.model import MLSAE, SAEConfig
 from mlsae.evaluate import EvalConfig, evaluate
 from mlsae.tiny import make_tiny
+from mlsae.utils import MLSAEError
 from mlsae.transformer import load_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,8 @@ def test_metrics_match_an_independent_computation(tiny):
     cfg = EvalConfig(sae=str(tiny / "sae"), path=str(tiny / "test.jsonl"), split="test", max_length=32,
                      batch_size=4, max_tokens=1024, downstream_tokens=1024, precision="fp32", device="cpu",
                      skip_special_tokens=False, skip_first=0)
-    results = evaluate(cfg)
+    evaluation = evaluate(cfg)
+    results = evaluation.results
     model, tokenizer = load_transformer(str(tiny / "tiny"))
     sae = MLSAE.from_pretrained(tiny / "sae")
     ids = load_chunks(cfg.path, "test", tokenizer, 32, max_tokens=1024)
@@ -59,9 +61,12 @@ def test_metrics_match_an_independent_computation(tiny):
         clean = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         for layer in (0, 1):
             x = out.hidden_states[layer + 1]
-            recon, _ = sae(x)
+            recon, topk = sae(x)
             fvu = (recon - x).pow(2).sum() / (x - x.mean()).pow(2).sum()
             assert results[f"train/fvu/layer_{layer}"] == pytest.approx(fvu.item(), rel=1e-4)
+            active = topk.values > sae.config.dead_threshold  # where each latent fired, counted here
+            counts = torch.bincount(topk.indices[active], minlength=sae.config.n_latents).float()
+            assert torch.equal(evaluation.dists.counts[layer], counts)
             spliced = spliced_logits(model, ids, layer, recon)
             ce = F.cross_entropy(spliced[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             assert results[f"val/loss/delta/layer_{layer}"] == pytest.approx((ce - clean).item(), rel=1e-3, abs=1e-5)
@@ -69,17 +74,31 @@ def test_metrics_match_an_independent_computation(tiny):
             kl = (p.exp() * (p - q)).sum(-1).mean()
             assert results[f"val/logit/kldiv/layer_{layer}"] == pytest.approx(kl.item(), rel=1e-3, abs=1e-6)
     assert results["val/loss/clean"] == pytest.approx(clean.item(), rel=1e-4)
+    assert evaluation.dists.tokens == ids.numel() and evaluation.dists.layers == [0, 1]
     for name in ("train/fvu", "train/mse", "train/l1", "val/loss/delta", "val/logit/kldiv", "val/logit/mse"):
         assert {f"{name}/layer_0", f"{name}/layer_1", f"{name}/avg"} <= set(results)
     assert 0 <= results["train/l0/avg"] <= 8
 
+
+def test_evaluated_at_other_layers(tiny):
+    """--layers: the MLSAE applied at the layers asked for (a per-layer SAE's transfer), the same
+    numbers there as its own evaluation; a layer the model lacks is a clear error."""
+    cfg = EvalConfig(sae=str(tiny / "sae"), path=str(tiny / "test.jsonl"), split="test", max_length=32,
+                     batch_size=4, max_tokens=256, downstream_tokens=128, precision="fp32", device="cpu")
+    own = evaluate(cfg).results
+    moved = evaluate(replace(cfg, layers=[1, 2])).results
+    assert {"train/fvu/layer_1", "train/fvu/layer_2"} <= set(moved) and "train/fvu/layer_0" not in moved
+    for key in ("train/fvu/layer_1", "val/loss/delta/layer_1"):
+        assert moved[key] == pytest.approx(own[key], rel=1e-5)
+    with pytest.raises(MLSAEError, match="has layers 0..2"):
+        evaluate(replace(cfg, layers=[3]))
 
 def test_position_rule_in_metrics(tiny):
     """The MLSAE's own rule (special tokens and position 0 out): metrics over the kept positions,
     the share left out, and splicing that leaves the left-out positions as they were."""
     cfg = EvalConfig(sae=str(tiny / "sae"), path=str(tiny / "test.jsonl"), split="test", max_length=32,
                      batch_size=4, max_tokens=512, downstream_tokens=512, precision="fp32", device="cpu")
-    results = evaluate(cfg)
+    results = evaluate(cfg).results
     model, tokenizer = load_transformer(str(tiny / "tiny"))
     sae = MLSAE.from_pretrained(tiny / "sae")
     assert sae.config.skip_first == 1 and sae.config.skip_special_tokens
@@ -105,7 +124,7 @@ def test_position_rule_in_metrics(tiny):
             spliced_h[keep] = recon
             ce = F.cross_entropy(spliced_logits(model, ids, layer, spliced_h)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
             assert results[f"val/loss/delta/layer_{layer}"] == pytest.approx((ce - clean).item(), rel=1e-3, abs=1e-5)
-    everything = evaluate(replace(cfg, skip_special_tokens=False, skip_first=0))
+    everything = evaluate(replace(cfg, skip_special_tokens=False, skip_first=0)).results
     assert everything["excluded/tokens"] == 0 and everything["excluded/variance/avg"] == 0
     assert everything["train/fvu/avg"] != pytest.approx(results["train/fvu/avg"])
 
@@ -127,7 +146,7 @@ def test_bos_model_chunks_and_metrics(tmp_path):
     sae.save_pretrained(tmp_path / "sae")
     cfg = EvalConfig(sae=str(tmp_path / "sae"), path=str(tmp_path / "test.jsonl"), max_length=32,
                      batch_size=4, max_tokens=512, downstream_tokens=128, precision="fp32", device="cpu")
-    results = evaluate(cfg)
+    results = evaluate(cfg).results
     special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids))
     assert results["excluded/tokens"] == special.sum().item() >= len(ids)
     with torch.no_grad():
@@ -149,6 +168,10 @@ def test_cli_writes_csv_and_json(tiny):
     assert len(row) == 1 and "val/loss/delta/avg" in row
     assert json.loads((out / "test_sae.json").read_text())["results"]["train/fvu/avg"] == pytest.approx(
         row["train/fvu/avg"][0])
+    from mlsae.analysis.dists import Dists
+
+    fired = Dists.load(out / "test_sae.dists.safetensors")
+    assert fired.layers == [0, 1] and fired.counts.shape == (2, 256) and fired.counts.sum() > 0
     bad = subprocess.run([sys.executable, "-m", "mlsae.evaluate", "--repo_id", str(tiny / "missing")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "cannot load MLSAE" in bad.stderr

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mlsae.metrics import DownstreamMetrics, ReconstructionMetrics, cross_entropy, fvu, kl_div
+from mlsae.metrics import DownstreamMetrics, ReconstructionMetrics, cross_entropy, fvu
 from mlsae.formats import mlsae_name
 from mlsae.model import MLSAE, SAEConfig, geometric_median
 from mlsae.positions import PositionRule
@@ -77,10 +77,21 @@ def test_downstream_metrics():
     assert out["delta_ce"].abs().max() < 1e-6 and out["kl"].abs().max() < 1e-6
     assert torch.allclose(out["ce_zero"], torch.tensor(11.0).log().double())
     assert torch.allclose(out["ce_recovered"], torch.ones(1, dtype=torch.float64))
-    p, q = clean.log_softmax(-1), (clean * 0.5).log_softmax(-1)
-    assert torch.allclose(kl_div(clean, clean * 0.5), (p.exp() * (p - q)).sum(-1))
     assert torch.allclose(cross_entropy(clean, ids).mean(), torch.nn.functional.cross_entropy(
         clean[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1)))
+    # a spliced distribution that differs, over two batches, and no zero ablation: no CE recovered
+    m = DownstreamMetrics(2)
+    other = torch.randn(2, 6, 11)
+    for part in (slice(0, 1), slice(1, 2)):
+        m.update_clean(clean[part], ids[part])
+        m.update_layer(1, clean[part], other[part], None, ids[part])
+    out = m.compute()
+    p, q = clean.log_softmax(-1), other.log_softmax(-1)
+    ce = torch.nn.functional.cross_entropy(other[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
+    assert torch.allclose(out["ce_spliced"][1].float(), ce)
+    assert torch.allclose(out["kl"][1].float(), (p.exp() * (p - q)).sum(-1).mean())
+    assert torch.allclose(out["logit_mse"][1].float(), (other - clean).pow(2).mean())
+    assert "ce_recovered" not in out and "ce_zero" not in out
 
 
 # ----- encoding

@@ -143,6 +143,22 @@ def test_single_layer_sae(setup):
     assert config["layers"] == [1] and config["n_layers"] == 1
 
 
+def test_per_layer_saes_from_one_pass_equal_each_trained_alone(setup):
+    """--per_layer: one single-layer SAE per layer from one transformer pass, each the same as the
+    SAE that layer would get trained alone (same data, same initialisation)."""
+    out = setup["tmp"] / "per-layer"
+    result = run(args(setup, out, "--layers", "0", "2", "--per_layer", "--max_tokens", "640"))
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in out.iterdir() if p.name.startswith("mlsae-"))
+    assert names == ["mlsae-tiny-llama-x2-k4-layer-0", "mlsae-tiny-llama-x2-k4-layer-2"]
+    assert json.loads((out / names[1] / "config.json").read_text())["layers"] == [2]
+    alone = setup["tmp"] / "layer-2-alone"
+    assert run(args(setup, alone, "--layers", "2", "--max_tokens", "640")).returncode == 0
+    a, b = weights(out / names[1]), weights(only_run(alone))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["-k", "1000"], "larger than the number of latents"),
     (["--layers", "7"], "out of range"),
@@ -150,6 +166,8 @@ def test_single_layer_sae(setup):
     (["--model_name", "/nonexistent/model"], "cannot load"),
     (["--path", "/nonexistent/data.jsonl.zst"], "no such file"),
     (["--precision", "fp8"], "invalid choice"),
+    (["--per_layer"], "--per_layer needs --layers"),
+    (["--per_layer", "--layers", "1", "--max_norm_ratio", "8"], "cannot use --max_norm_ratio"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
 ])
 def test_bad_input_is_one_clear_line(setup, extra, message):

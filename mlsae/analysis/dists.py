@@ -9,7 +9,9 @@ Derived per latent f, with l the MLSAE's layer index 0..L-1 (the transformer lay
 MLSAE reads every layer):
 
 - ``probs[:, f] = totals[:, f] / sum_l totals[l, f]``: the distribution of f's activation mass over layers;
-- ``layer_mean = sum_l l p_l``, ``layer_var = sum_l l^2 p_l - layer_mean^2``, ``layer_std = sqrt(layer_var)``.
+- ``layer_mean = sum_l l p_l``, ``layer_var = sum_l l^2 p_l - layer_mean^2``, ``layer_std = sqrt(layer_var)``;
+- ``layers_active(t)[f]``: the number of layers at which f was active at ``t`` tokens or more (the
+  reference's later "number of layers" figure); ``multi_layer`` summarises it at a few thresholds.
 
 The summary takes the mean, variance, standard deviation (both over n latents, ddof 0) and
 standard error (std / sqrt(n)) of ``layer_std`` over the n latents that fired, absolute and
@@ -21,6 +23,7 @@ reference), ``dists.csv`` (one row per latent) and ``dists.json`` (the summary).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -124,14 +127,35 @@ class Dists:
 
     def save(self, out: Path, meta: dict | None = None) -> Path:
         """Write the three files; ``meta`` (e.g. ``{"config": ..., "pass": ...}``) goes into dists.json."""
-        header = {"layers": json.dumps(self.layers), "tokens": str(self.tokens)}  # safetensors metadata: strings
-        with atomic_path(out / "dists.safetensors") as tmp:
-            save_file({"counts": self.counts.float().contiguous(), "totals": self.totals.float().contiguous()},
-                      tmp, metadata=header)
+        self.save_tensors(out / "dists.safetensors")
         with atomic_path(out / "dists.csv") as tmp:
             self.frame().to_csv(tmp, index=False)
         write_json(out / "dists.json", {**self.summary(), "layers": self.layers, **(meta or {})})
         return out / "dists.safetensors"
+
+    def save_tensors(self, path: Path) -> Path:
+        """``counts`` and ``totals`` alone, as one safetensors file (``Dists.load`` reads it)."""
+        header = {"layers": json.dumps(self.layers), "tokens": str(self.tokens)}  # safetensors metadata: strings
+        with atomic_path(path) as tmp:
+            save_file({"counts": self.counts.float().contiguous(), "totals": self.totals.float().contiguous()},
+                      tmp, metadata=header)
+        return path
+
+    def layers_active(self, threshold: int = 1) -> Tensor:
+        """[F] the number of layers at which each latent was active at ``threshold`` tokens or more."""
+        return (self.counts >= threshold).sum(0)
+
+    def multi_layer(self, thresholds: Sequence[int]) -> pd.DataFrame:
+        """Per threshold t (tokens): latents active at some layer at t tokens or more, the mean number
+        of layers at which they are, that mean over the number of layers, and the share of them
+        active at more than one layer."""
+        rows = {}
+        for t in thresholds:
+            n = self.layers_active(t).numpy()
+            n = pd.Series(n[n > 0], dtype=float)  # empty: NaN means
+            rows[int(t)] = {"latents": len(n), "mean layers": n.mean(), "mean layers / layers": n.mean() / self.n_layers,
+                            "share at several layers": (n > 1).mean()}
+        return pd.DataFrame.from_dict(rows, orient="index").rename_axis("threshold")
 
     @classmethod
     def load(cls, path: str | Path) -> Dists:
