@@ -37,8 +37,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-test: setup
-	$(PY) -m pytest
+# The explorer's browser test drives Debian's chromium (a Playwright browser download fails
+# offline): installed here where apt-get can (as root), else a one-line error saying what to run.
+CHROMIUM ?= /usr/bin/chromium
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium for the browser test (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "error: the browser test needs chromium at $(CHROMIUM): run 'sudo apt-get install -y chromium', or make test CHROMIUM=/path/to/chromium" >&2; \
+		exit 1; \
+	fi
+
+test: setup $(CHROMIUM)
+	MLSAE_CHROMIUM=$(CHROMIUM) $(PY) -m pytest
 
 # What the profile needs: the embedded model and corpus, a tiny random model, or nothing (hub).
 $(OUT)/.fetched: $(STAMP) $(PROFILE_FILE)
