@@ -28,7 +28,7 @@ from mlsae.precision import autocast as precision_autocast
 from mlsae.precision import resolve as resolve_precision
 from mlsae.train import pick_device
 from mlsae.transformer import Transformer, transformer_for
-from mlsae.utils import MLSAEError, atomic_path, run_cli, sae_option
+from mlsae.utils import MLSAEError, atomic_path, check_out_dir, run_cli, sae_option
 
 
 @dataclass(kw_only=True)
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_config_path_arg=False)
     parser.add_arguments(EvalConfig, dest="cfg")
     cfg = parser.parse_args(argv).cfg
+    check_out_dir(cfg.out_dir)
     evaluation = evaluate(cfg)
     path = write_results(evaluation, cfg, sae_name(cfg.sae))
     results = evaluation.results

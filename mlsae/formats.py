@@ -40,10 +40,22 @@ def load_folder(folder: Path, map_location: str = "cpu") -> MLSAE:
         if raw.get("auxk", 0) is None:
             raw["auxk"] = 0  # older configs wrote null for off
         model = MLSAE(SAEConfig(**{k: v for k, v in raw.items() if k in known}))
-        model.load_state_dict(state)
+        _load_state(model, state, folder)
     else:
         model = _from_reference(raw, state)
     return model.to(map_location).eval()
+
+
+def _load_state(model: MLSAE, state: dict[str, Tensor], folder: Path) -> None:
+    """The weights into ``model``, or a one-line error naming what config.json and the weights disagree on."""
+    expected = model.state_dict()
+    wrong = [f"{k} is {list(state[k].shape)} in the weights, {list(v.shape)} by config.json"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if wrong or missing or extra:
+        parts = wrong + ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(extra)}"] if extra else [])
+        raise MLSAEError(f"{folder}: config.json does not match model.safetensors ({'; '.join(parts)})")
+    model.load_state_dict(state)
 
 
 def _from_reference(raw: dict, state: dict[str, Tensor]) -> MLSAE:

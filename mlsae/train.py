@@ -39,7 +39,7 @@ from mlsae.positions import read_residuals
 from mlsae.precision import autocast as precision_autocast
 from mlsae.precision import resolve as resolve_precision
 from mlsae.transformer import Transformer, load_transformer
-from mlsae.utils import MLSAEError, atomic_write_text, run_cli
+from mlsae.utils import MLSAEError, atomic_write_text, check_out_dir, run_cli
 
 
 @dataclass
@@ -278,19 +278,31 @@ def load_checkpoint(out: Path, cfg: TrainConfig, runs: list[SweepSAE], loader: C
             old.rename(ckpt)
         else:
             raise MLSAEError(f"--resume: no checkpoint in {out} (run without --resume to start afresh)")
-    state = json.loads((ckpt / "trainer.json").read_text())
-    saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
+    try:
+        state = json.loads((ckpt / "trainer.json").read_text())
+        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
+    except (ValueError, KeyError, AttributeError) as e:
+        raise MLSAEError(f"--resume: {ckpt / 'trainer.json'} is damaged ({e}); remove {ckpt} to start afresh") from e
     current = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}
     diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if diff:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise MLSAEError(f"--resume: the checkpoint in {out} was made with other options ({details})")
-    for run in runs:
-        weights = load_file(ckpt / run.name / "model.safetensors", device=str(run.sae.W_enc.device))
+    def read(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+        try:
+            return load_file(path, device=device)
+        except Exception as e:  # truncated or missing: safetensors' and the OS's own error types
+            raise MLSAEError(f"--resume: {path} is damaged ({e}); remove {ckpt} to start afresh") from e
+
+    tensors = {run.name: (read(ckpt / run.name / "model.safetensors", str(run.sae.W_enc.device)),
+                          read(ckpt / run.name / "optimizer.safetensors")) for run in runs}
+    rng = read(ckpt / "rng.safetensors")["torch_rng"]
+    for run in runs:  # every file read before anything is changed
+        weights, optimizer = tensors[run.name]
         run.sae.load_state_dict(weights)
-        load_optimizer(run.optimizer, run.sae, load_file(ckpt / run.name / "optimizer.safetensors"))
+        load_optimizer(run.optimizer, run.sae, optimizer)
         truncate_log(run.out / "metrics.jsonl", state["step"])
-    torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch_rng"])
+    torch.set_rng_state(rng)
     loader.load_state_dict(state["loader"])
     return state["step"], state["tokens"]
 
@@ -389,7 +401,7 @@ def train(cfg: TrainConfig) -> list[Path]:
     rank, world = init_distributed(device)
     if cfg.tokens_per_step % (cfg.batch_size * cfg.max_length * world):
         raise MLSAEError(f"tokens_per_step must be a multiple of batch_size x max_length x {world} processes")
-    out = Path(cfg.out_dir)
+    out = check_out_dir(cfg.out_dir)
     if not cfg.resume and (out / "checkpoint").exists():
         raise MLSAEError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out_dir")
     if cfg.steps < 1:

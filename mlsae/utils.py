@@ -19,6 +19,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MLSAE_CACHE", "cache")).resolve()
 
 
+def check_out_dir(path: str | os.PathLike, flag: str = "--out_dir") -> Path:
+    """``path`` if it can be an output folder (it, or its first existing parent, is a folder); checked
+    before any work starts, so that a wrong flag fails at once and leaves nothing behind."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise MLSAEError(f"{flag} {path}: {existing} is a file, not a folder")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
@@ -26,6 +36,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A reader (or a resumed run) therefore never sees a half-written file.
     """
     path = Path(path)
+    check_out_dir(path.parent, "cannot write into")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

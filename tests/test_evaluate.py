@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,18 @@ def test_cli_writes_csv_and_json(tiny):
     bad = subprocess.run([sys.executable, "-m", "mlsae.evaluate", "--repo_id", str(tiny / "missing")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "cannot load MLSAE" in bad.stderr
+    mismatched = tiny / "mismatched"
+    shutil.copytree(tiny / "sae", mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps({**config, "n_latents": 512}))
+    afile = tiny / "a-file"
+    afile.write_text("")
+    for argv, message in (([str(mismatched)], "config.json does not match model.safetensors (W_enc is [256, 64] in the "
+                                               "weights, [512, 64] by config.json"),
+                          ([str(tiny / "sae"), "--out_dir", str(afile)], f"{afile} is a file, not a folder")):
+        bad = subprocess.run([sys.executable, "-m", "mlsae.evaluate", "--sae", *argv], capture_output=True, text=True,
+                             cwd=ROOT, timeout=120)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr and message in bad.stderr, bad.stderr
 
 
 @pytest.mark.slow

@@ -179,6 +179,30 @@ def test_bad_input_is_one_clear_line(setup, extra, message):
     assert not (out / "checkpoint").exists()
 
 
+def test_out_dir_that_is_a_file(setup):
+    afile = setup["tmp"] / "a-file"
+    afile.write_text("keep me")
+    for out in (afile, afile / "below"):
+        result = run(args(setup, out))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"{afile} is a file, not a folder" in result.stderr
+    assert afile.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "truncated trainer.json"])
+def test_resume_from_a_damaged_checkpoint(setup, damage):
+    out = setup["tmp"] / f"damaged-{damage.split()[1]}"
+    assert run(args(setup, out, "--max_tokens", "512")).returncode == 0
+    ckpt = out / "checkpoint"
+    victim = next(ckpt.glob("mlsae-*/model.safetensors")) if damage == "truncated weights" else ckpt / "trainer.json"
+    victim.write_bytes(victim.read_bytes()[:60])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = run(args(setup, out, "--max_tokens", "512", "--resume"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{victim if damage == 'truncated weights' else ckpt / 'trainer.json'} is damaged" in result.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+
+
 def test_corrupt_corpus(setup):
     bad = setup["tmp"] / "bad.jsonl.zst"
     bad.write_bytes(b"\x28\xb5\x2f\xfd" + os.urandom(64))

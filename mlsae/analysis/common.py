@@ -16,7 +16,7 @@ from mlsae.formats import sae_name
 from mlsae.model import MLSAE
 from mlsae.train import pick_device
 from mlsae.transformer import Transformer, transformer_for
-from mlsae.utils import MLSAEError, atomic_write_text, sae_option
+from mlsae.utils import MLSAEError, atomic_write_text, check_out_dir, sae_option
 
 C = TypeVar("C")
 
@@ -47,7 +47,10 @@ def parse(config: type[C], argv: list[str] | None, description: str | None) -> C
     """Parse ``argv`` into ``config`` (field docstrings are the help texts)."""
     parser = ArgumentParser(description=description, add_config_path_arg=False)
     parser.add_arguments(config, dest="cfg")
-    return parser.parse_args(argv).cfg
+    cfg = parser.parse_args(argv).cfg
+    if getattr(cfg, "out_dir", None):
+        check_out_dir(cfg.out_dir)
+    return cfg
 
 
 def load_sae(name: str, device: str | torch.device = "cpu") -> MLSAE:

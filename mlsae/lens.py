@@ -1,0 +1,226 @@
+"""A tuned lens (Belrose et al. 2023) for any model: ``python -m mlsae.lens --help``.
+
+Each layer l read gets an affine translator into the final layer's basis, fitted so that the
+model's own final norm and unembedding read the translated residual as the model's next-token
+distribution:
+
+    translate_l(h) = h + A_l h + b_l        (A_l = 0 and b_l = 0 at the start: the logit lens)
+    inverse_l(t)   = (I + A_l)^-1 (t - b_l)
+
+The fit minimises the sum over layers of KL(p_final || p_lens,l), averaged over the positions the
+position rule keeps (``mlsae.positions``), with the tuned-lens paper's optimiser: SGD with Nesterov
+momentum 0.9, learning rate ``lr`` decayed linearly to 0, weight decay 1e-3, one pass over
+``max_tokens`` tokens of the training split. An MLSAE trained on translated residuals sees every
+layer in the final layer's basis (the paper's ``-lens`` variant, claim 4); its reconstructions map
+back through the inverse. Saved as ``lens.safetensors`` (``weight [L, d, d]``, ``bias [L, d]``;
+metadata: the layers and the model), with ``lens.json``: the options and the KL per layer of the
+identity and the tuned lens on held-out text.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from simple_parsing import ArgumentParser
+from simple_parsing import field as flag
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mlsae.data import DataOptions, load_chunks
+from mlsae.fetch import DEFAULT_MODEL
+from mlsae.positions import PositionRule, read_residuals
+from mlsae.precision import autocast as precision_autocast
+from mlsae.train import pick_device
+from mlsae.transformer import Transformer, load_transformer
+from mlsae.utils import MLSAEError, atomic_path, check_out_dir, run_cli
+
+FILE = "lens.safetensors"
+
+
+class TunedLens(nn.Module):
+    """Per-layer affine translators ``h -> h + A h + b`` for the transformer ``layers``."""
+
+    def __init__(self, layers: list[int], d_model: int, model_name: str | None = None):
+        super().__init__()
+        self.layers = list(layers)
+        self.model_name = model_name
+        self.weight = nn.Parameter(torch.zeros(len(layers), d_model, d_model))
+        self.bias = nn.Parameter(torch.zeros(len(layers), d_model))
+
+    def translate(self, x: Tensor, rows: slice = slice(None)) -> Tensor:
+        """``x [L, ..., d]`` (one slice per layer of the lens, or of its ``rows``) in the final layer's
+        basis, in fp32 under any autocast (a d x d product per vector is cheap; bf16 would round it)."""
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.weight.dtype)
+        weight, bias = self.weight[rows], self.bias[rows]
+        with torch.autocast(flat.device.type, enabled=False):
+            return torch.baddbmm(bias[:, None], flat, weight.transpose(1, 2)).add_(flat).reshape(x.shape)
+
+    @torch.no_grad()
+    def inverse(self, t: Tensor) -> Tensor:
+        """The residual whose translation is ``t [L, ..., d]``."""
+        flat = t.reshape(t.shape[0], -1, t.shape[-1]).to(self.weight.dtype) - self.bias[:, None]
+        eye = torch.eye(self.weight.shape[-1], dtype=torch.float64, device=flat.device)
+        matrices = (eye + self.weight.double()).transpose(1, 2)  # y M^T = t - b  =>  y = (t - b) M^-T
+        return torch.linalg.solve(matrices, flat.double(), left=False).to(t.dtype).reshape(t.shape)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / FILE
+        meta = {"layers": json.dumps(self.layers), "model_name": self.model_name or ""}
+        with atomic_path(path) as tmp:
+            save_file({"weight": self.weight.detach().contiguous(), "bias": self.bias.detach().contiguous()}, tmp,
+                      metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TunedLens:
+        """From ``lens.safetensors`` or a folder holding it."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / FILE
+        if not path.is_file():
+            raise MLSAEError(f"no tuned lens at {path}: fit one with python -m mlsae.lens")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta, weight, bias = f.metadata() or {}, f.get_tensor("weight"), f.get_tensor("bias")
+        except Exception as e:  # safetensors' own error types
+            raise MLSAEError(f"cannot read the tuned lens {path}: {e}") from e
+        layers = json.loads(meta.get("layers", "null")) or list(range(weight.shape[0]))
+        if weight.shape != (len(layers), bias.shape[-1], bias.shape[-1]) or bias.shape[0] != len(layers):
+            raise MLSAEError(f"{path}: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not match "
+                             f"{len(layers)} layers")
+        lens = cls(layers, bias.shape[-1], meta.get("model_name") or None)
+        lens.load_state_dict({"weight": weight, "bias": bias})
+        return lens
+
+
+def lens_logits(transformer: Transformer, h: Tensor) -> Tensor:
+    """The model's own readout of residuals ``h [..., d]``: final norm, then unembedding."""
+    return transformer.lm_head(transformer.final_norm(h))
+
+
+def kl_to_final(transformer: Transformer, h: Tensor, log_p: Tensor) -> Tensor:
+    """KL(p_final || p_readout(h)) summed over positions, from ``log_p [N, V]`` and ``h [N, d]``."""
+    log_q = lens_logits(transformer, h).float().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum()
+
+
+@dataclass(kw_only=True)
+class LensConfig(DataOptions):
+    """Options of ``python -m mlsae.lens``: the data options (the training split by default) and these."""
+
+    model_name: str = DEFAULT_MODEL
+    """Transformer: hub id, local folder or .gguf file."""
+    split: str = "train"
+    """Split to fit on."""
+    max_tokens: int = 16_384
+    """Tokens to fit on (one pass)."""
+    tokens_per_step: int = 1_024
+    """Tokens per optimizer step."""
+    lr: float = 1.0
+    """Peak learning rate of SGD (Nesterov momentum 0.9), decayed linearly to 0 (the tuned-lens paper's)."""
+    weight_decay: float = 1e-3
+    eval_split: str = "val"
+    """Held-out split on which lens.json reports the KL per layer of the identity and the tuned lens."""
+    eval_tokens: int = 4_096
+    layers: list[int] | None = flag(default=None, nargs="*")
+    """Transformer layers to translate (default: all)."""
+    out_dir: str = "runs/lens"
+    """Where lens.safetensors and lens.json go."""
+
+    def __post_init__(self) -> None:
+        DataOptions.__post_init__(self)
+        if self.tokens_per_step % (self.batch_size * self.max_length):
+            raise MLSAEError(f"tokens_per_step ({self.tokens_per_step}) must be a multiple of batch_size x max_length "
+                             f"({self.batch_size * self.max_length})")
+        if self.max_tokens < self.tokens_per_step:
+            raise MLSAEError(f"--max_tokens ({self.max_tokens}) is less than one step ({self.tokens_per_step} tokens)")
+
+
+def _batches(cfg: LensConfig, transformer: Transformer, split: str, max_tokens: int) -> list[Tensor]:
+    chunks = load_chunks(cfg.path, split, transformer.tokenizer, cfg.max_length, max_tokens=max_tokens)
+    return list(chunks.split(cfg.batch_size))
+
+
+def _read(transformer: Transformer, ids: Tensor, layers: list[int], rule: PositionRule) -> tuple[Tensor, Tensor]:
+    """Residuals ``[L, N, d]`` (fp32) of the kept positions and the final log-probabilities ``[N, V]``."""
+    r = read_residuals(transformer, ids, layers, rule, logits=True)
+    return r.kept, r.logits[r.keep].float().log_softmax(-1)
+
+
+def fit(cfg: LensConfig, transformer: Transformer, rule: PositionRule = PositionRule()) -> TunedLens:
+    """A tuned lens for ``transformer``, fitted as the module docstring says."""
+    device = transformer.device
+    layers = list(cfg.layers) if cfg.layers else list(range(transformer.n_layers))
+    lens = TunedLens(layers, transformer.d_model, cfg.model_name).to(device)
+    transformer.requires_grad_(False)
+    batches = _batches(cfg, transformer, cfg.split, cfg.max_tokens)
+    per_step = cfg.tokens_per_step // (cfg.batch_size * cfg.max_length)
+    steps = max(len(batches) // per_step, 1)
+    opt = torch.optim.SGD(lens.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
+    autocast = precision_autocast(cfg.precision, device)
+    for step in tqdm(range(steps), desc="tuned lens", unit="step"):
+        micro = batches[step * per_step : (step + 1) * per_step]
+        with torch.no_grad(), autocast:
+            reads = [_read(transformer, ids.to(device), layers, rule) for ids in micro]
+        n = sum(log_p.shape[0] for _, log_p in reads)
+        for h, log_p in reads:
+            for i in range(len(layers)):  # one layer's [N, V] graph at a time
+                with autocast:
+                    translated = lens.translate(h[i : i + 1], slice(i, i + 1))[0]
+                    loss = kl_to_final(transformer, translated, log_p) / n
+                loss.backward()
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+    return lens.eval()
+
+
+@torch.no_grad()
+def kl_per_layer(transformer: Transformer, lens: TunedLens, batches: list[Tensor], rule: PositionRule,
+                 precision: str = "auto", identity: bool = False) -> Tensor:
+    """KL(p_final || p_lens,l) per layer of ``lens``, mean over the kept positions (nats); with
+    ``identity``, of the logit lens (no translation) at the same layers."""
+    device = transformer.device
+    autocast = precision_autocast(precision, device)
+    total, n = torch.zeros(len(lens.layers), dtype=torch.float64), 0
+    for ids in batches:
+        with autocast:
+            h, log_p = _read(transformer, ids.to(device), lens.layers, rule)
+            h = h if identity else lens.translate(h)
+            for i in range(len(lens.layers)):
+                total[i] += float(kl_to_final(transformer, h[i], log_p))
+        n += log_p.shape[0]
+    return total / max(n, 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_config_path_arg=False)
+    parser.add_arguments(LensConfig, dest="cfg")
+    cfg = parser.parse_args(argv).cfg
+    out = check_out_dir(cfg.out_dir)
+    device = pick_device(cfg.device)
+    model, tokenizer = load_transformer(cfg.model_name, device=device)
+    transformer = Transformer(model, tokenizer)
+    if cfg.layers and not all(0 <= layer < transformer.n_layers for layer in cfg.layers):
+        raise MLSAEError(f"--layers {cfg.layers}: the model has layers 0..{transformer.n_layers - 1}")
+    rule = PositionRule()
+    lens = fit(cfg, transformer, rule)
+    held_out = _batches(cfg, transformer, cfg.eval_split, cfg.eval_tokens)
+    report = {"config": asdict(cfg), "layers": lens.layers, "position_rule": asdict(rule),
+              "kl_identity": kl_per_layer(transformer, lens, held_out, rule, cfg.precision, identity=True).tolist(),
+              "kl_tuned": kl_per_layer(transformer, lens, held_out, rule, cfg.precision).tolist()}
+    path = lens.save(out)
+    with atomic_path(out / "lens.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: [round(v, 4) for v in report[k]] for k in ("kl_identity", "kl_tuned")}))
+    print(path)
+
+
+if __name__ == "__main__":
+    run_cli(main)
