@@ -76,6 +76,8 @@ def evaluate(cfg: EvalConfig) -> Evaluation:
     layers = cfg.layers or sae.config.layers or list(range(transformer.n_layers))
     if not all(0 <= layer < transformer.n_layers for layer in layers):
         raise MLSAEError(f"--layers {layers}: the model has layers 0..{transformer.n_layers - 1}")
+    if sae.config.tuned_lens and layers != (sae.config.layers or list(range(transformer.n_layers))):
+        raise MLSAEError("--layers: an MLSAE with a tuned lens has translators for its own layers only")
     chunks = load_chunks(cfg.path, cfg.split, transformer.tokenizer, cfg.max_length, max_tokens=cfg.max_tokens)
     recon_metrics = ReconstructionMetrics(len(layers), sae.config.n_latents, sae.config.dead_threshold)
     down_metrics = DownstreamMetrics(len(layers))

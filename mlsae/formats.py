@@ -18,13 +18,14 @@ from mlsae.model import MLSAE, SAEConfig, SAEOptions
 from mlsae.utils import MLSAEError
 
 
-def load(name: str, map_location: str = "cpu", **hub_kwargs) -> MLSAE:
+def load(name: str, map_location: str = "cpu", lens: str | Path | None = None, **hub_kwargs) -> MLSAE:
     """An MLSAE from a local folder or a hub repo id, in this project's or the reference's layout."""
-    return load_folder(_resolve(name, hub_kwargs), map_location)
+    return load_folder(_resolve(name, hub_kwargs), map_location, lens)
 
 
-def load_folder(folder: Path, map_location: str = "cpu") -> MLSAE:
-    """Load an MLSAE from a folder in this project's layout or either of the reference's layouts."""
+def load_folder(folder: Path, map_location: str = "cpu", lens: str | Path | None = None) -> MLSAE:
+    """Load an MLSAE from a folder in this project's layout or either of the reference's layouts
+    (``lens``: the tuned lens of a reference ``-lens`` checkpoint)."""
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     for p in (config_path, weights_path):
         if not p.is_file():
@@ -42,7 +43,7 @@ def load_folder(folder: Path, map_location: str = "cpu") -> MLSAE:
         model = MLSAE(SAEConfig(**{k: v for k, v in raw.items() if k in known}))
         _load_state(model, state, folder)
     else:
-        model = _from_reference(raw, state)
+        model = _from_reference(raw, state, lens)
     return model.to(map_location).eval()
 
 
@@ -58,13 +59,16 @@ def _load_state(model: MLSAE, state: dict[str, Tensor], folder: Path) -> None:
     model.load_state_dict(state)
 
 
-def _from_reference(raw: dict, state: dict[str, Tensor]) -> MLSAE:
-    """Translate a checkpoint written by the reference implementation (plain or ``-tfm``)."""
+def _from_reference(raw: dict, state: dict[str, Tensor], lens: str | Path | None = None) -> MLSAE:
+    """Translate a checkpoint written by the reference implementation (plain, ``-tfm`` or ``-lens``)."""
+    from mlsae.lens import TunedLens
+
     prefix = "autoencoder." if "autoencoder.encoder.weight" in state else ""
     if f"{prefix}encoder.weight" not in state:
         raise MLSAEError(f"unrecognised MLSAE checkpoint: tensors {sorted(state)[:5]}...")
-    if raw.get("tuned_lens"):
-        raise MLSAEError("reference checkpoints trained with tuned-lens transforms are not supported")
+    if raw.get("tuned_lens") and lens is None:
+        raise MLSAEError("this reference checkpoint was trained on tuned-lens residuals, and its lens is not stored with "
+                         "it: load it with lens=<lens.safetensors of the same model> (mlsae.lens)")
     W_enc = state[f"{prefix}encoder.weight"]
     n_latents, n_inputs = W_enc.shape
     layers = raw.get("layers")
@@ -73,12 +77,15 @@ def _from_reference(raw: dict, state: dict[str, Tensor]) -> MLSAE:
     options.update(auxk=options["auxk"] or 0,  # the reference writes null for off
                    skip_first=0)  # the reference trains on every non-special position
     config = SAEConfig(n_inputs=n_inputs, n_latents=n_latents, k=raw.get("k", SAEConfig.k), n_layers=n_layers,
-                       layers=list(layers) if layers else None, model_name=raw.get("model_name"), **options)
+                       layers=list(layers) if layers else None, model_name=raw.get("model_name"),
+                       tuned_lens=bool(raw.get("tuned_lens")), **options)
     model = MLSAE(config)
     with torch.no_grad():
         model.W_enc.copy_(W_enc)
         model.W_dec.copy_(state[f"{prefix}decoder.weight"].T)
         model.b_pre.copy_(state[f"{prefix}pre_encoder_bias"])
+        if config.tuned_lens:
+            model.set_lens(TunedLens.load(lens))
     return model
 
 

@@ -35,7 +35,6 @@ from mlsae.data import DataOptions, load_chunks
 from mlsae.fetch import DEFAULT_MODEL
 from mlsae.positions import PositionRule, read_residuals
 from mlsae.precision import autocast as precision_autocast
-from mlsae.train import pick_device
 from mlsae.transformer import Transformer, load_transformer
 from mlsae.utils import MLSAEError, atomic_path, check_out_dir, run_cli
 
@@ -53,20 +52,20 @@ class TunedLens(nn.Module):
         self.bias = nn.Parameter(torch.zeros(len(layers), d_model))
 
     def translate(self, x: Tensor, rows: slice = slice(None)) -> Tensor:
-        """``x [L, ..., d]`` (one slice per layer of the lens, or of its ``rows``) in the final layer's
-        basis, in fp32 under any autocast (a d x d product per vector is cheap; bf16 would round it)."""
-        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.weight.dtype)
-        weight, bias = self.weight[rows], self.bias[rows]
-        with torch.autocast(flat.device.type, enabled=False):
-            return torch.baddbmm(bias[:, None], flat, weight.transpose(1, 2)).add_(flat).reshape(x.shape)
+        """``x [L, ..., d]`` (one slice per layer of the lens, or of its ``rows``) in the final layer's basis."""
+        return translate(x, self.weight[rows], self.bias[rows])
 
-    @torch.no_grad()
-    def inverse(self, t: Tensor) -> Tensor:
-        """The residual whose translation is ``t [L, ..., d]``."""
-        flat = t.reshape(t.shape[0], -1, t.shape[-1]).to(self.weight.dtype) - self.bias[:, None]
-        eye = torch.eye(self.weight.shape[-1], dtype=torch.float64, device=flat.device)
-        matrices = (eye + self.weight.double()).transpose(1, 2)  # y M^T = t - b  =>  y = (t - b) M^-T
-        return torch.linalg.solve(matrices, flat.double(), left=False).to(t.dtype).reshape(t.shape)
+    def inverse(self, t: Tensor, rows: slice = slice(None)) -> Tensor:
+        """The residuals ``[L, ..., d]`` whose translations are ``t``."""
+        return inverse(t, self.weight[rows], self.bias[rows])
+
+    def rows_of(self, layers: list[int]) -> tuple[Tensor, Tensor]:
+        """The translators (weight, bias) of these transformer ``layers``, which the lens must have."""
+        missing = [layer for layer in layers if layer not in self.layers]
+        if missing:
+            raise MLSAEError(f"the tuned lens has no translator for layers {missing} (it has {self.layers})")
+        index = torch.tensor([self.layers.index(layer) for layer in layers])
+        return self.weight.detach()[index], self.bias.detach()[index]
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / FILE
@@ -96,6 +95,26 @@ class TunedLens(nn.Module):
         lens = cls(layers, bias.shape[-1], meta.get("model_name") or None)
         lens.load_state_dict({"weight": weight, "bias": bias})
         return lens
+
+
+def translate(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``h + A h + b`` for each slice of ``x [L, ..., d]`` with its translator ``weight [L, d, d]``
+    (A) and ``bias [L, d]``, in fp32 under any autocast (cheap; bf16 would round the residual)."""
+    if x.shape[0] != weight.shape[0]:
+        raise MLSAEError(f"{x.shape[0]} layers of residuals for a tuned lens of {weight.shape[0]} layers")
+    flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(weight.dtype)
+    with torch.autocast(flat.device.type, enabled=False):
+        return torch.baddbmm(bias[:, None], flat, weight.transpose(1, 2)).add_(flat).reshape(x.shape)
+
+
+def inverse(t: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """The ``h`` whose translation is ``t [L, ..., d]``: ``(I + A)^-1 (t - b)``, solved in fp64."""
+    if t.shape[0] != weight.shape[0]:
+        raise MLSAEError(f"{t.shape[0]} layers of residuals for a tuned lens of {weight.shape[0]} layers")
+    flat = t.reshape(t.shape[0], -1, t.shape[-1]).double() - bias.double()[:, None]
+    eye = torch.eye(weight.shape[-1], dtype=torch.float64, device=flat.device)
+    matrices = (eye + weight.double()).transpose(1, 2)  # y M^T = t - b  =>  y = (t - b) M^-T
+    return torch.linalg.solve(matrices, flat, left=False).to(t.dtype).reshape(t.shape)
 
 
 def lens_logits(transformer: Transformer, h: Tensor) -> Tensor:
@@ -203,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_config_path_arg=False)
     parser.add_arguments(LensConfig, dest="cfg")
     cfg = parser.parse_args(argv).cfg
+    from mlsae.train import pick_device  # mlsae.train imports mlsae.model, which imports this module
+
     out = check_out_dir(cfg.out_dir)
     device = pick_device(cfg.device)
     model, tokenizer = load_transformer(cfg.model_name, device=device)

@@ -16,6 +16,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
+from mlsae import lens as tuned_lens
 from mlsae.kernels import Standardized, TopK, project_rows_, scaled_error, sparse_decode, standardize, topk_encode
 from mlsae.positions import PositionRule, rule_of
 from mlsae.utils import MLSAEError
@@ -78,6 +79,9 @@ class SAEConfig(SAEOptions):
     """The transformer layers it was trained on (None = all)."""
     model_name: str | None = None
     """The transformer it was trained on."""
+    tuned_lens: bool = False
+    """It reads residuals translated by a tuned lens (mlsae.lens) into the final layer's basis, and
+    maps its reconstructions back; the translators are stored with its weights (lens_weight, lens_bias)."""
     format_version: int = 2
     """Version of this config/weights layout (2: the position rule is recorded)."""
 
@@ -118,6 +122,32 @@ class MLSAE(
         self.normalize_decoder()
         # Tokens since each latent last fired, per layer; "dead" overall = silent at every layer.
         self.register_buffer("tokens_since_fired", torch.zeros(config.n_layers, n, dtype=torch.long))
+        if config.tuned_lens:  # buffers, not parameters: the lens is fitted beforehand and stays fixed
+            self.register_buffer("lens_weight", torch.zeros(config.n_layers, d, d))
+            self.register_buffer("lens_bias", torch.zeros(config.n_layers, d))
+
+    # ----- the space it works in -----
+
+    def set_lens(self, lens: tuned_lens.TunedLens) -> None:
+        """Use ``lens``'s translators of this MLSAE's layers (every layer when ``config.layers`` is None)."""
+        if not self.config.tuned_lens:
+            raise MLSAEError("this MLSAE was made without a tuned lens (SAEConfig.tuned_lens)")
+        weight, bias = lens.rows_of(self.config.layers or list(range(self.config.n_layers)))
+        self.lens_weight.copy_(weight)
+        self.lens_bias.copy_(bias)
+
+    def to_sae_space(self, x: Tensor, rows: slice = slice(None)) -> Tensor:
+        """Raw residuals ``[L, ..., d]`` (of its layers, or of the layers ``rows``) as the SAE reads them:
+        through the tuned lens where it has one, else as they are."""
+        if not self.config.tuned_lens:
+            return x
+        return tuned_lens.translate(x, self.lens_weight[rows], self.lens_bias[rows])
+
+    def from_sae_space(self, y: Tensor, rows: slice = slice(None)) -> Tensor:
+        """The inverse of ``to_sae_space``: reconstructions ``[L, ..., d]`` back in the raw residual space."""
+        if not self.config.tuned_lens:
+            return y
+        return tuned_lens.inverse(y, self.lens_weight[rows], self.lens_bias[rows])
 
     # ----- the autoencoder -----
 
@@ -127,8 +157,9 @@ class MLSAE(
         return standardize(x, STD_EPS)[0]
 
     def encode(self, x: Tensor) -> TopK:
-        """Latents of raw input vectors ``[..., d]``: TopK values (after ReLU) and indices ``[..., k]``."""
-        return self.encode_standardized(self.standardize(x).x)
+        """Latents of raw input vectors ``[..., d]`` (``[L, ..., d]`` with a tuned lens): TopK values
+        (after ReLU) and indices ``[..., k]``."""
+        return self.encode_standardized(self.standardize(self.to_sae_space(x)).x)
 
     def encode_standardized(self, z: Tensor) -> TopK:
         """Latents of vectors already standardized by ``standardize`` (its ``.x``)."""
@@ -143,10 +174,10 @@ class MLSAE(
         return z * standardized.scale + standardized.mean
 
     def forward(self, x: Tensor) -> tuple[Tensor, TopK]:
-        """Reconstruction and latents of raw input vectors ``[..., d]``."""
-        s = self.standardize(x)
+        """Reconstruction and latents of raw input vectors ``[..., d]`` (``[L, ..., d]`` with a tuned lens)."""
+        s = self.standardize(self.to_sae_space(x))
         topk = self.encode_standardized(s.x)
-        return self.decode(topk, s), topk
+        return self.from_sae_space(self.decode(topk, s)), topk
 
     def loss(self, x: Tensor) -> Loss:
         """The training objective on ``x [L, N, d]`` (layer, vector, feature), in fp32.
@@ -158,7 +189,7 @@ class MLSAE(
         """
         cfg = self.config
         L, N, d = x.shape
-        x = x.float().reshape(L * N, d)
+        x = self.to_sae_space(x.float()).reshape(L * N, d)  # with a tuned lens, FVU is in its space
         low = None  # the encoder's bf16 input, when the standardizing pass can make it too
         if cfg.standardize:
             s, sq_norm, low = standardize(x, STD_EPS, shift=self.b_pre.detach())
@@ -189,7 +220,7 @@ class MLSAE(
     @torch.no_grad()
     def init_pre_bias(self, x: Tensor) -> None:
         """Set the pre-encoder bias to the geometric median of ``x [..., d]`` in the space it is used in."""
-        z = self.standardize(x.float().reshape(-1, x.shape[-1])).x
+        z = self.standardize(self.to_sae_space(x.float()).reshape(-1, x.shape[-1])).x
         self.b_pre.copy_(geometric_median(z))
 
     @torch.no_grad()
@@ -226,14 +257,17 @@ class MLSAE(
     # ----- formats -----
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, map_location: str = "cpu", **hub_kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, map_location: str = "cpu",
+                        lens: str | Path | None = None, **hub_kwargs):
         """Load from a local folder or a hub repo id, in this project's or the reference's layout.
 
-        Replaces the mixin's loader, which would fall back to unpickling ``pytorch_model.bin``.
+        ``lens``: a tuned lens (``mlsae.lens``) for a reference ``-lens`` checkpoint, whose
+        translators are not stored with its weights. Replaces the mixin's loader, which would fall
+        back to unpickling ``pytorch_model.bin``.
         """
         from mlsae.formats import load
 
-        return load(str(pretrained_model_name_or_path), map_location, **hub_kwargs)
+        return load(str(pretrained_model_name_or_path), map_location, lens=lens, **hub_kwargs)
 
 
 def _layer_variance(mean: Tensor, sq_norm: Tensor, n_layers: int, n_features: int) -> Tensor:

@@ -34,6 +34,7 @@ from mlsae import native
 from mlsae.data import ChunkLoader, DataOptions, load_chunks
 from mlsae.fetch import DEFAULT_MODEL
 from mlsae.formats import mlsae_name
+from mlsae.lens import TunedLens
 from mlsae.model import MLSAE, SAEConfig, SAEOptions
 from mlsae.positions import read_residuals
 from mlsae.precision import autocast as precision_autocast
@@ -74,6 +75,9 @@ class TrainConfig(SAEOptions, DataOptions):
     """Training tokens in total (the positions that the position rule leaves out are then ignored)."""
     layers: list[int] | None = flag(default=None, nargs="*")
     """Transformer layers to read (default: all); one layer trains a per-layer SAE."""
+    tuned_lens: str | None = None
+    """A tuned lens (its folder or lens.safetensors, from python -m mlsae.lens): train on residuals
+    translated into the final layer's basis (the paper's -lens MLSAEs); the lens is saved with each MLSAE."""
     per_layer: bool = False
     """Train one single-layer SAE per layer of --layers (of every size of the sweep) from the same
     transformer pass, instead of one MLSAE over them: the paper's per-layer baselines."""
@@ -207,13 +211,20 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 def make_sweep(cfg: TrainConfig, d_model: int, layers: list[int], device: torch.device, out: Path) -> list[SweepSAE]:
     """Every SAE of ``cfg`` (``TrainConfig.members``), initialised, with its optimizer; ``layers``:
     the transformer layers each pass reads."""
+    lens = None
+    if cfg.tuned_lens:
+        lens = TunedLens.load(cfg.tuned_lens)
+        if lens.model_name and lens.model_name != cfg.model_name:
+            raise MLSAEError(f"--tuned_lens {cfg.tuned_lens} was fitted to {lens.model_name}, not {cfg.model_name}")
     runs = []
     for name, ef, k, group in cfg.members():
         group = group or layers
         torch.manual_seed(cfg.seed)  # every run of a sweep starts as its solo run would
         sae_cfg = SAEConfig(n_inputs=d_model, n_latents=d_model * ef, k=k, n_layers=len(group), layers=group,
-                            model_name=cfg.model_name, **cfg.sae_options())
+                            model_name=cfg.model_name, tuned_lens=lens is not None, **cfg.sae_options())
         sae = MLSAE(sae_cfg).to(device).train()
+        if lens is not None:
+            sae.set_lens(lens)
         # fused: one pass over each parameter instead of ~10 (5x faster on a CPU; one kernel on a GPU)
         optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10, fused=True)
         rows = slice(layers.index(group[0]), layers.index(group[0]) + 1) if cfg.per_layer else slice(None)

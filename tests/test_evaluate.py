@@ -94,6 +94,36 @@ def test_evaluated_at_other_layers(tiny):
     with pytest.raises(MLSAEError, match="has layers 0..2"):
         evaluate(replace(cfg, layers=[3]))
 
+def test_tuned_lens_metrics_are_in_the_raw_space(tiny):
+    """An MLSAE with a tuned lens: FVU and ΔCE of the reconstruction mapped back through the inverse."""
+    from mlsae.lens import TunedLens
+
+    torch.manual_seed(0)
+    lens = TunedLens([0, 1, 2], 64)
+    with torch.no_grad():
+        lens.weight.normal_(std=0.05)
+        lens.bias.normal_(std=0.1)
+    sae = MLSAE(SAEConfig(n_inputs=64, n_latents=256, k=8, n_layers=2, layers=[0, 1], model_name=str(tiny / "tiny"),
+                          tuned_lens=True, skip_first=0, skip_special_tokens=False))
+    sae.set_lens(lens)
+    sae.save_pretrained(tiny / "sae-lens")
+    cfg = EvalConfig(sae=str(tiny / "sae-lens"), path=str(tiny / "test.jsonl"), split="test", max_length=32,
+                     batch_size=4, max_tokens=256, downstream_tokens=128, precision="fp32", device="cpu")
+    results = evaluate(cfg).results
+    model, tokenizer = load_transformer(str(tiny / "tiny"))
+    ids = load_chunks(cfg.path, "test", tokenizer, 32, max_tokens=256)
+    plain = MLSAE(replace(sae.config, tuned_lens=False))
+    plain.load_state_dict({k: v for k, v in sae.state_dict().items() if not k.startswith("lens_")})
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        x = torch.stack([out.hidden_states[1], out.hidden_states[2]])
+        recon = lens.inverse(plain(lens.translate(x, slice(0, 2)))[0], slice(0, 2))
+        for layer in (0, 1):
+            fvu = (recon[layer] - x[layer]).pow(2).sum() / (x[layer] - x[layer].mean()).pow(2).sum()
+            assert results[f"train/fvu/layer_{layer}"] == pytest.approx(fvu.item(), rel=1e-4)
+    with pytest.raises(MLSAEError, match="translators for its own layers only"):
+        evaluate(replace(cfg, layers=[1, 2]))
+
 def test_position_rule_in_metrics(tiny):
     """The MLSAE's own rule (special tokens and position 0 out): metrics over the kept positions,
     the share left out, and splicing that leaves the left-out positions as they were."""

@@ -199,6 +199,32 @@ def test_steering_is_in_the_models_own_scale(explorer):
     assert [t.token_id for t in lists.increases][:3] == change.topk(3).indices.tolist()
 
 
+def test_tuned_lens_mlsae_in_the_explorer(tiny_llama):
+    """With a tuned lens, the explorer shows the MLSAE's own latents and raw-space reconstruction, and
+    steers in the lens's space: the steered residual, translated, is the translated one plus the step."""
+    from mlsae.lens import TunedLens
+
+    torch.manual_seed(3)
+    lens = TunedLens(list(range(tiny_llama.n_layers)), tiny_llama.d_model)
+    with torch.no_grad():
+        lens.weight.normal_(std=0.05)
+        lens.bias.normal_(std=0.1)
+    sae = _sae(tiny_llama, tuned_lens=True)
+    sae.set_lens(lens)
+    ex = Explorer(sae, tiny_llama)
+    run = ex.submit(PROMPT)
+    resid = tiny_llama.residuals(_ids(tiny_llama)[None])[:, 0].float()
+    recon, topk = sae(resid)
+    kept = slice(sae.config.skip_first, None)
+    torch.testing.assert_close(run.recon[:, kept], recon[:, kept], rtol=1e-4, atol=1e-4)
+    assert torch.equal(run.topk.indices[:, kept], topk.indices[:, kept])
+    layer, latent, factor = 1, 17, 4.0
+    rows = slice(layer, layer + 1)
+    step = sae.to_sae_space(ex.steered_resid(run, layer, latent, factor)[None], rows)[0] - sae.to_sae_space(
+        run.resid[rows], rows)[0]
+    expected = factor * run.scale[layer] * sae.W_dec[latent].detach()
+    torch.testing.assert_close(step[kept], expected[kept], rtol=1e-3, atol=1e-4)
+
 def test_edited_logits_are_cached(explorer, monkeypatch):
     run = explorer.submit(PROMPT)
     calls = []

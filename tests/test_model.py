@@ -280,6 +280,32 @@ def test_reference_checkpoint_loads_with_identical_outputs(tmp_path, tfm):
     torch.testing.assert_close(dense, ref_dense, rtol=1e-4, atol=1e-5)
 
 
+def test_reference_lens_checkpoint_loads_with_its_lens(tmp_path):
+    """The reference's -lens variant: its lens is not in the checkpoint, so loading asks for one."""
+    from mlsae.lens import TunedLens
+
+    torch.manual_seed(2)
+    d, F, k = 16, 64, 4
+    enc, dec, b = torch.randn(F, d), torch.randn(d, F), torch.randn(d)
+    tensors = {"autoencoder.encoder.weight": enc, "autoencoder.decoder.weight": dec, "autoencoder.pre_encoder_bias": b}
+    for i in range(3):
+        tensors[f"transformer.model.gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight"] = torch.randn(2, 2)
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_name": "EleutherAI/pythia-70m-deduped", "expansion_factor": 4,
+                                                      "k": k, "tuned_lens": True}))
+    with pytest.raises(MLSAEError, match="trained on tuned-lens residuals"):
+        MLSAE.from_pretrained(tmp_path)
+    lens = TunedLens([0, 1, 2], d)
+    with torch.no_grad():
+        lens.weight.normal_(std=0.1)
+    lens.save(tmp_path / "lens")
+    sae = MLSAE.from_pretrained(tmp_path, lens=tmp_path / "lens")
+    assert sae.config.tuned_lens and sae.config.n_layers == 3
+    x = torch.randn(3, 10, d) * 4 + 1
+    t = lens.translate(x).detach()
+    ref_recon, _ = reference_forward(t, enc, dec, b, k)
+    torch.testing.assert_close(sae(x)[0], lens.inverse(ref_recon).detach(), rtol=1e-4, atol=1e-4)
+
 def test_position_rule_is_recorded_and_old_configs_keep_theirs(tmp_path):
     sae = make(n_layers=2, skip_first=2, max_norm_ratio=8.0)
     sae.save_pretrained(tmp_path / "new")
@@ -350,3 +376,42 @@ def test_cuda_loss_and_gradients_match_cpu():
     with torch.autocast("cuda", dtype=torch.bfloat16):  # the training precision: fp32 master weights
         low = gpu.loss(x.cuda())
     assert low.loss.dtype == torch.float32 and abs(float(low.loss) - float(want.loss)) < 0.05 * float(want.loss)
+
+
+# ----- a tuned lens in front
+
+
+def lensed(n_layers=3, d=16) -> tuple[MLSAE, "TunedLens"]:
+    from mlsae.lens import TunedLens
+
+    torch.manual_seed(1)
+    lens = TunedLens(list(range(n_layers + 2)), d)  # more layers than the MLSAE reads
+    with torch.no_grad():
+        lens.weight.normal_(std=0.1)
+        lens.bias.normal_()
+    sae = make(d=d, n_layers=n_layers, layers=[1, 2, 3][:n_layers], tuned_lens=True)
+    sae.set_lens(lens)
+    return sae, lens
+
+
+def test_tuned_lens_mlsae_reads_translated_residuals_and_maps_back(tmp_path):
+    sae, lens = lensed()
+    plain = make(d=16, n_layers=3, layers=[1, 2, 3])
+    plain.load_state_dict({k: v for k, v in sae.state_dict().items() if not k.startswith("lens_")})
+    x = torch.randn(3, 10, 16) * 4
+    t = lens.translate(x, slice(1, 4)).detach()  # the lens's translators of layers 1..3
+    recon, topk = sae(x)
+    plain_recon, plain_topk = plain(t)
+    assert torch.equal(topk.indices, plain_topk.indices)
+    torch.testing.assert_close(recon, lens.inverse(plain_recon, slice(1, 4)).detach(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(sae.encode(x).indices, plain.encode(t).indices)
+    torch.testing.assert_close(sae.loss(x).fvu, plain.loss(t).fvu)  # training sees the lens's space
+    assert not any(n.startswith("lens") for n, _ in sae.named_parameters())  # fixed, not trained
+    sae.save_pretrained(tmp_path)
+    back = MLSAE.from_pretrained(tmp_path)
+    assert back.config.tuned_lens and torch.equal(back.lens_weight, sae.lens_weight)
+    torch.testing.assert_close(back(x)[0], recon)
+    with pytest.raises(MLSAEError, match="2 layers of residuals for a tuned lens of 3"):
+        sae(x[:2])
+    with pytest.raises(MLSAEError, match="no translator for layers"):
+        make(d=16, n_layers=1, layers=[9], tuned_lens=True).set_lens(lens)

@@ -179,6 +179,27 @@ def test_bad_input_is_one_clear_line(setup, extra, message):
     assert not (out / "checkpoint").exists()
 
 
+def test_train_on_tuned_lens_residuals(setup):
+    """--tuned_lens: the MLSAE records the lens and stores the translators of its layers."""
+    from mlsae.lens import TunedLens
+
+    lens = TunedLens([0, 1, 2], 64, setup["model"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        lens.weight.normal_(std=0.05)
+    lens.save(setup["tmp"] / "lens")
+    out = setup["tmp"] / "lensed"
+    result = run(args(setup, out, "--layers", "1", "2", "--tuned_lens", str(setup["tmp"] / "lens"),
+                      "--max_tokens", "512"))
+    assert result.returncode == 0, result.stderr
+    folder = only_run(out)
+    assert json.loads((folder / "config.json").read_text())["tuned_lens"] is True
+    torch.testing.assert_close(weights(folder)["lens_weight"], lens.weight.detach()[1:])
+    TunedLens([0, 1, 2], 64, "another/model").save(setup["tmp"] / "other-lens")
+    bad = run(args(setup, setup["tmp"] / "lensed-bad", "--tuned_lens", str(setup["tmp"] / "other-lens")))
+    assert bad.returncode == 2 and "was fitted to another/model" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_out_dir_that_is_a_file(setup):
     afile = setup["tmp"] / "a-file"
     afile.write_text("keep me")

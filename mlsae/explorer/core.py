@@ -272,9 +272,9 @@ class Explorer:
             r = read_residuals(tf, ids[None], self.layers, sae.config.positions, logits=True)
         resid, logits = r.acts[:, 0].float(), r.logits
         excluded = ~r.keep[0].cpu()
-        s = sae.standardize(resid)
+        s = sae.standardize(sae.to_sae_space(resid))
         topk = sae.encode_standardized(s.x)
-        recon = sae.decode(topk, s)  # = sae(resid), keeping the standardization for its scale
+        recon = sae.from_sae_space(sae.decode(topk, s))  # = sae(resid), keeping the standardization for its scale
         values = topk.values.masked_fill(excluded.to(topk.values.device)[None, :, None], 0.0)
         recon = torch.where(excluded.to(resid.device)[None, :, None], resid, recon)
         scale = s.scale if isinstance(s.scale, Tensor) else torch.ones_like(resid[..., :1])
@@ -370,8 +370,11 @@ class Explorer:
     def steered_resid(self, run: PromptRun, layer_index: int, latent: int, factor: float) -> Tensor:
         """Residual ``[P, d]`` of SAE layer ``layer_index`` plus the scaled steering vector."""
         direction = self.sae.W_dec[latent].detach().float().to(run.resid.device)
-        step = factor * run.scale[layer_index] * direction
-        return run.resid[layer_index] + step * (~run.excluded).to(step.device)[:, None]
+        step = factor * run.scale[layer_index] * direction * (~run.excluded).to(direction.device)[:, None]
+        if not self.sae.config.tuned_lens:
+            return run.resid[layer_index] + step
+        rows = slice(layer_index, layer_index + 1)  # the step is taken in the lens's space
+        return self.sae.from_sae_space(self.sae.to_sae_space(run.resid[rows], rows) + step, rows)[0]
 
     def logits_recon(self, run: PromptRun, layer: int, position: int) -> LogitLists:
         p = self.check_position(run, position)
