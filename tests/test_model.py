@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from mlsae.metrics import DownstreamMetrics, ReconstructionMetrics, cross_entropy, fvu
 from mlsae.formats import mlsae_name
+from mlsae.lens import TunedLens
 from mlsae.model import MLSAE, SAEConfig, geometric_median
 from mlsae.positions import PositionRule
 from mlsae.utils import MLSAEError
@@ -282,8 +283,6 @@ def test_reference_checkpoint_loads_with_identical_outputs(tmp_path, tfm):
 
 def test_reference_lens_checkpoint_loads_with_its_lens(tmp_path):
     """The reference's -lens variant: its lens is not in the checkpoint, so loading asks for one."""
-    from mlsae.lens import TunedLens
-
     torch.manual_seed(2)
     d, F, k = 16, 64, 4
     enc, dec, b = torch.randn(F, d), torch.randn(d, F), torch.randn(d)
@@ -381,9 +380,7 @@ def test_cuda_loss_and_gradients_match_cpu():
 # ----- a tuned lens in front
 
 
-def lensed(n_layers=3, d=16) -> tuple[MLSAE, "TunedLens"]:
-    from mlsae.lens import TunedLens
-
+def lensed(n_layers=3, d=16) -> tuple[MLSAE, TunedLens]:
     torch.manual_seed(1)
     lens = TunedLens(list(range(n_layers + 2)), d)  # more layers than the MLSAE reads
     with torch.no_grad():
