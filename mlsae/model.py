@@ -10,16 +10,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-from mlsae import lens as tuned_lens
 from mlsae.kernels import Standardized, TopK, project_rows_, scaled_error, sparse_decode, standardize, topk_encode
 from mlsae.positions import PositionRule, rule_of
 from mlsae.utils import MLSAEError
+
+if TYPE_CHECKING:
+    from mlsae.lens import TunedLens
 
 STD_EPS = 1e-5  # added to the per-token std, as in the reference
 
@@ -128,7 +130,7 @@ class MLSAE(
 
     # ----- the space it works in -----
 
-    def set_lens(self, lens: tuned_lens.TunedLens) -> None:
+    def set_lens(self, lens: TunedLens) -> None:
         """Use ``lens``'s translators of this MLSAE's layers (every layer when ``config.layers`` is None)."""
         if not self.config.tuned_lens:
             raise MLSAEError("this MLSAE was made without a tuned lens (SAEConfig.tuned_lens)")
@@ -141,13 +143,17 @@ class MLSAE(
         through the tuned lens where it has one, else as they are."""
         if not self.config.tuned_lens:
             return x
-        return tuned_lens.translate(x, self.lens_weight[rows], self.lens_bias[rows])
+        from mlsae.lens import translate  # here, not above: python -m mlsae.lens would import it twice
+
+        return translate(x, self.lens_weight[rows], self.lens_bias[rows])
 
     def from_sae_space(self, y: Tensor, rows: slice = slice(None)) -> Tensor:
         """The inverse of ``to_sae_space``: reconstructions ``[L, ..., d]`` back in the raw residual space."""
         if not self.config.tuned_lens:
             return y
-        return tuned_lens.inverse(y, self.lens_weight[rows], self.lens_bias[rows])
+        from mlsae.lens import inverse
+
+        return inverse(y, self.lens_weight[rows], self.lens_bias[rows])
 
     # ----- the autoencoder -----
 
