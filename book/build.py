@@ -44,7 +44,7 @@ TITLES = {
     "evaluation": "Evaluation",
     "residual_geometry": "Residual stream geometry",
     "layer_distributions": "Layer distributions of latents",
-    "examples": "Maximally activating examples",
+    "examples": "Latent cards",
     "prompt_heatmaps": "Prompt heatmaps",
     "decoder_geometry": "Decoder geometry",
     "baselines": "MLSAE versus per-layer SAEs",

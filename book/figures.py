@@ -7,11 +7,7 @@ once (so pages stay small and need no network).
 
 from __future__ import annotations
 
-import html
-from collections.abc import Sequence
 from pathlib import Path
-
-from mlsae.explorer.figures import ACCENT, SHADE, intensity
 
 PLOTLY_JS = "plotly.min.js"
 
@@ -39,18 +35,3 @@ def register_renderer() -> None:
 
     pio.renderers["mlsae_book"] = BookRenderer()
     pio.renderers.default = "mlsae_book"
-
-
-def highlighted_tokens(tokens: Sequence[str], acts: Sequence[float], top: float, *, center: int | None = None,
-                       color: tuple[int, int, int] = SHADE) -> str:
-    """Tokens as inline HTML, each shaded by its activation on a 0..``top`` scale; the value is in
-    each token's tooltip (not in the text), the ``center`` token is outlined."""
-    parts = []
-    r, g, b = color
-    for i, (tok, a) in enumerate(zip(tokens, acts)):
-        alpha = intensity(float(a), top)
-        text = html.escape(tok).replace("\n", "⏎").replace(" ", "&nbsp;") or "&#8203;"
-        border = f"outline:1.5px solid {ACCENT};" if i == center else ""
-        parts.append(f'<span title="{float(a):.3f}" style="background:rgba({r},{g},{b},{alpha:.2f});{border}'
-                     f'border-radius:2px;padding:0 1px">{text}</span>')
-    return "".join(parts)

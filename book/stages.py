@@ -36,8 +36,8 @@ from book.profile import EvalConfig
 # the stage.
 EVAL_CODE = ("mlsae.evaluate", "mlsae.metrics", "mlsae.analysis.dists", "mlsae.positions", "mlsae.model", "mlsae.formats", "mlsae.kernels", "mlsae.transformer", "mlsae.data")
 PASS_CODE = ("mlsae.analysis.run", "mlsae.analysis.stream", "mlsae.positions", "mlsae.analysis.dists", "mlsae.analysis.variances",
-             "mlsae.analysis.examples", "mlsae.analysis.common", "mlsae.model", "mlsae.formats", "mlsae.kernels", "mlsae.transformer",
-             "mlsae.data")
+             "mlsae.analysis.examples", "mlsae.analysis.cards", "mlsae.analysis.common", "mlsae.model", "mlsae.formats",
+             "mlsae.kernels", "mlsae.transformer", "mlsae.data")
 RESID_CODE = ("mlsae.analysis.resid", "mlsae.analysis.common", "mlsae.positions", "mlsae.metrics", "mlsae.transformer", "mlsae.data")
 DECODER_CODE = ("mlsae.analysis.decoder", "mlsae.analysis.dists", "mlsae.model", "mlsae.formats", "mlsae.transformer")
 
@@ -215,8 +215,8 @@ def data_options(analysis: dict):
 
 
 def ensure_analysis_pass(sae_folder: str | Path, out_dir: str | Path, analysis: dict,
-                         analyses: tuple[str, ...] = ("dists", "variances", "examples")) -> tuple[dict, dict]:
-    """dists, variances and examples of one MLSAE from one pass over the held-out data
+                         analyses: tuple[str, ...] = ("dists", "variances", "examples", "histograms")) -> tuple[dict, dict]:
+    """dists, variances, examples and histograms of one MLSAE from one pass over the held-out data
     (``mlsae.analysis.run``), unless made with the same options, code and weights.
 
     Returns ``(run.json as a dict, info)``; the files are in ``analysis_dir(out_dir, sae_folder)``.

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mlsae.analysis import decoder, dists, examples, prompt, resid, tables, variances
+from mlsae.analysis import cards, decoder, dists, examples, prompt, resid, tables, variances
 from mlsae.analysis.common import DataOptions
 from mlsae.analysis.run import RunOptions, run
 from mlsae.analysis.stream import Batch, Pass, stream
@@ -414,7 +414,7 @@ def test_run_cli_writes_every_output(tiny):
          "--out_dir", str(out)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     for name in ("dists.safetensors", "dists.csv", "dists.json", "variances.json", "variances.csv",
-                 "examples.parquet", "run.json"):
+                 "examples.parquet", "histograms.safetensors", "run.json"):
         assert (out / name).is_file(), name
     info = json.loads((out / "run.json").read_text())
     assert info["pass"]["tokens"] > 0 and info["config"]["n_examples"] == 4
@@ -541,3 +541,74 @@ def test_tables_collect_a_sweep(tmp_path):
     assert sorted(long[long["name"] == "mlsae-tiny-x4-k8"]["value"]) == [0.1, 0.3]
     tables.main(["--root", str(out), "--out_dir", str(tmp_path / "tab")])
     assert len(pd.read_csv(tmp_path / "tab" / "tables.csv")) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# latent cards
+
+
+def test_histograms_match_brute_force():
+    """Every active (layer, token, latent) lands in its log-spaced bin; rows sum to the dists' counts."""
+    batches, dense = random_batches()
+    acc, acc_d = cards.HistogramsAccumulator(L, F, 1e-3), dists.DistsAccumulator(L, F, 1e-3)
+    for b in batches:
+        acc.update(b)
+        acc_d.update(b)
+    h = acc.result(list(range(L)))
+    edges = cards.EDGES.numpy()
+    want = np.zeros((L, F, len(edges) - 1), dtype=np.int64)
+    for l, n, p, f in zip(*np.nonzero(dense.numpy() > 1e-3)):
+        v = dense[l, n, p, f].item()
+        want[l, f, min(max(np.searchsorted(edges, v, side="left") - 1, 0), len(edges) - 2)] += 1
+    np.testing.assert_array_equal(h.counts.numpy(), want)
+    torch.testing.assert_close(h.counts.sum(-1).float(), acc_d.counts.float())
+    assert want[..., 0].sum() > 0  # the tiny values went into the first bin
+
+
+def test_direct_logit_effect_promotes_the_unembedding_row(tiny_llama):
+    """A decoder direction along token t's unembedding row promotes t most; its negative suppresses t most."""
+    sae = MLSAE(SAEConfig(n_inputs=tiny_llama.d_model, n_latents=8, k=2, n_layers=3))
+    W_U = tiny_llama.lm_head.weight.detach().float()
+    with torch.no_grad():
+        sae.W_dec[0], sae.W_dec[1] = W_U[5] / W_U[5].norm(), -W_U[9] / W_U[9].norm()
+    effect = cards.direct_logit_effect(sae, tiny_llama, [0, 1])
+    assert effect.shape == (2, W_U.shape[0])
+    assert int(effect[0].argmax()) == 5 and int(effect[1].argmin()) == 9
+
+
+def test_cards_from_the_analysis_pass(tiny, cache):
+    """A card holds the pass's numbers for its latent; the page renders them; the CLI writes it."""
+    out = tiny / "cards-pass"
+    run(RunOptions(sae=str(tiny / "mlsae-tiny-x1-k6"), data=DataOptions(path=str(tiny / "test.jsonl"), max_length=16,
+                   max_tokens=256, precision="fp32"), n_examples=4, out_dir=str(out)))
+    d, h = dists.Dists.load(out), cards.Histograms.load(out)
+    torch.testing.assert_close(h.counts.sum(-1).float(), d.counts)
+    sae = MLSAE.from_pretrained(tiny / "mlsae-tiny-x1-k6")
+    tf = Transformer(*load_transformer(sae.config.model_name))
+    latent = int(d.counts.sum(0).argmax())
+    card = cards.Cards(sae, tf, out).card(latent, n_layers=2, n_examples=3)
+    assert card.missing == [] and card.layers == [0, 1, 2]
+    torch.testing.assert_close(card.probs, d.probs[:, latent])
+    assert sorted(card.contexts) == sorted(d.layers[i] for i in d.probs[:, latent].argsort(descending=True)[:2])
+    assert all(1 <= len(df) <= 3 for df in card.contexts.values())
+    assert card.promoted[0].value >= card.promoted[-1].value > card.suppressed[-1].value >= card.suppressed[0].value
+    from mlsae.explorer.figures import card_html
+
+    page = card_html(card, tf.tokenizer)
+    assert f"Latent {latent}" in page and page.count("<svg") == 2 and "<script" not in page
+    assert page.count("top contexts at layer") == len(card.contexts)
+    bare = cards.Cards(sae, tf, None).card(latent)
+    assert bare.probs is None and bare.contexts == {} and "no analysis folder" in bare.missing[0]
+    assert "the analysis pass" in card_html(bare, tf.tokenizer)
+    env = {**__import__("os").environ, "MLSAE_CACHE": str(tiny / "cache")}
+    cli = [sys.executable, "-m", "mlsae.analysis.cards", "--sae", str(tiny / "mlsae-tiny-x1-k6"), "--analysis_dir", str(out)]
+    result = subprocess.run([*cli, "--latents", str(latent), "3", "--out", str(tiny / "cards.html")],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tiny / "cards.html").read_text().count("class='mlsae-card'") == 2
+    for args, message in ((["--latents", "96"], "error: latent 96 is out of range: this MLSAE has latents 0..95"),
+                          ([], "error: name the latents to show: --latents 3 17 ...")):
+        bad = subprocess.run([*cli, *args, "--out", str(tiny / "bad.html")], capture_output=True, text=True, cwd=ROOT,
+                             env=env, timeout=300)
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == message and "Traceback" not in bad.stderr
+        assert not (tiny / "bad.html").exists()

@@ -391,6 +391,28 @@ def test_app_submit_shows_every_view(app):
     assert "error" not in _message(app)
 
 
+def test_app_latent_buttons_select_and_show_the_card(explorer, tmp_path):
+    """The latents at the selected layer and position are buttons; a click selects one and shows its card."""
+    import pyarrow.parquet as pq
+
+    from mlsae.explorer.app import ExplorerApp
+
+    pq.write_table(_examples_table(explorer.transformer, 7, 1), tmp_path / "examples.parquet")
+    app = ExplorerApp(Explorer(explorer.sae, explorer.transformer, examples=tmp_path))
+    app.submit(PROMPT)
+    picks = app.ex.top_latents(app.run, app.layer, app.position)
+    i = app.ex.layer_index(app.layer)
+    assert sorted(f for f, _ in picks) == sorted(app.run.topk.indices[i, app.position][app.run.topk.values[i, app.position] > 0].tolist())
+    assert [b.description.split(" ·")[0] for b in app.picks.children] == [str(f) for f, _ in picks]
+    assert f"Latent {app.latent}" in app.card_html.value  # the strongest latent, selected on submit
+    app.picks.children[1].click()
+    assert app.latent == picks[1][0] and app.latent_box.value == picks[1][0]
+    assert f"Latent {picks[1][0]}" in app.card_html.value and "promotes" in app.card_html.value
+    assert "layer distributions" in app.card_html.value  # the folder holds examples only: said, not hidden
+    app.select(latent=7)
+    assert "top contexts at layer 1" in app.card_html.value
+
+
 def test_app_controls_redraw_without_new_forwards(app, monkeypatch):
     app.submit(PROMPT)
     tf = app.ex.transformer
@@ -634,6 +656,12 @@ def test_browser_explorer(voila_app, tiny_model_dir, tmp_path):
                                    timeout=30_000)
             page.wait_for_function("!document.querySelector('.mlsae-message .mlsae-error')", timeout=30_000)
             assert f"“{expected[1]}”" in page.inner_text(".mlsae-logits")
+            pick = page.locator(".mlsae-pick").nth(1)
+            latent = pick.inner_text().split(" ·")[0].strip()
+            pick.click()
+            page.wait_for_function(f"document.querySelector('.mlsae-latent input').value == '{latent}'", timeout=30_000)
+            page.wait_for_function(
+                f"document.querySelector('.mlsae-card-view').innerText.includes('Latent {latent}')", timeout=30_000)
             shot = _artifact("explorer-browser.png")
             page.screenshot(path=str(shot))
             print(f"screenshot: {shot}")

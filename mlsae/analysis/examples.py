@@ -183,6 +183,7 @@ class Examples:
     table: pa.Table
     meta: dict = field(default_factory=dict)
     tokenizer: object | None = None  # loaded from meta["model_name"] on first decode if None
+    folder: Path | None = None  # the analysis folder it was read from (its dists and histograms are there too)
 
     @cached_property
     def _keys(self) -> np.ndarray:
@@ -237,7 +238,7 @@ def load_examples(folder: str | Path, tokenizer=None) -> Examples:
         raise MLSAEError(f"no examples at {path}: run python -m mlsae.analysis.examples (or .run) first")
     table = pq.read_table(path)
     raw = (table.schema.metadata or {}).get(b"mlsae")
-    return Examples(table, json.loads(raw) if raw else {}, tokenizer)
+    return Examples(table, json.loads(raw) if raw else {}, tokenizer, path.parent)
 
 
 # ----------------------------------------------------------------------------------------------

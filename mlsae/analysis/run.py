@@ -1,4 +1,4 @@
-"""dists, variances and examples from one pass over the data: ``python -m mlsae.analysis.run --sae R``.
+"""dists, variances, examples and histograms from one pass over the data: ``python -m mlsae.analysis.run --sae R``.
 
 Each batch costs one transformer forward (stopped after the deepest layer the MLSAE reads) and
 one MLSAE encode, whatever the number of analyses. Writes the files of each module (see their
@@ -14,18 +14,18 @@ from dataclasses import dataclass
 
 from simple_parsing import field
 
-from mlsae.analysis import dists, examples, variances
+from mlsae.analysis import cards, dists, examples, variances
 from mlsae.analysis.common import config_dict, finite, parse, write_json
 from mlsae.analysis.stream import prepare, stream
 from mlsae.utils import MLSAEError, run_cli
 
-ANALYSES = ("dists", "variances", "examples")
+ANALYSES = ("dists", "variances", "examples", "histograms")
 
 
 @dataclass
 class RunOptions(examples.ExamplesOptions):
     analyses: list[str] = field(default_factory=lambda: list(ANALYSES))
-    """Which analyses to run in the pass: any of dists, variances, examples."""
+    """Which analyses to run in the pass: any of dists, variances, examples, histograms."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -44,6 +44,8 @@ def run(cfg: RunOptions) -> dict:
         accs["variances"] = variances.VariancesAccumulator(p.n_layers, p.n_latents, p.device)
     if "examples" in cfg.analyses:
         accs["examples"] = examples.make(p, cfg)
+    if "histograms" in cfg.analyses:
+        accs["histograms"] = cards.HistogramsAccumulator(p.n_layers, p.n_latents, p.sae.config.dead_threshold, p.device)
     info = stream(p, list(accs.values()), cfg.data, desc="+".join(accs))
     meta = {"config": config_dict(cfg), "pass": info}
     out, summaries = cfg.out, {"pass": info}
@@ -58,6 +60,8 @@ def run(cfg: RunOptions) -> dict:
     if "examples" in accs:
         path = accs["examples"].save(out, p.chunks, p.layers, examples.meta(p, cfg, info))
         summaries["examples"] = str(path)
+    if "histograms" in accs:
+        summaries["histograms"] = str(accs["histograms"].result(p.layers, info["tokens"]).save(out))
     write_json(out / "run.json", {**summaries, "config": meta["config"]})
     return summaries
 

@@ -115,6 +115,12 @@ class ExplorerApp:
                            (self.position_fig, "position-fig"), (self.heatmap_fig, "heatmap-fig")):
             slot.add_class(f"mlsae-{name}")
         self.examples_html = W.HTML()
+        self.picks = W.Box(layout=W.Layout(display="flex", flex_flow="row wrap", width="100%"))
+        self.picks.add_class("mlsae-picks")
+        self._pick_buttons: list[W.Button] = []
+        self._picks: list[tuple[int, float]] = []  # (latent, activation) of each shown button
+        self.card_html = W.HTML()
+        self.card_html.add_class("mlsae-card-view")
         self.logits_html = W.HTML()
         self.logits_html.add_class("mlsae-logits")
         controls = W.HBox([self.layer_box, self.latent_box, self.position_box, self.threshold_box,
@@ -122,12 +128,14 @@ class ExplorerApp:
         self._view_children = [
             _section("Tokens (shaded by the latent at the layer; click one to select its position)"), self.strip,
             controls,
+            _section("Latents active at the selected layer and position (click one for its card)"), self.picks,
             _section("Next-token logits at the selected position"), self.logits_html,
             self.latent_fig,
             _section("Active latents at the selected position"), self.position_fig,
             _section("The whole prompt (hover a cell for its latent)"), self.heatmap_fig,
             self.hist_fig,
             _section("Max-activating examples of the latent at the layer"), self.examples_html,
+            _section("The latent's card (as in the book's examples chapter)"), self.card_html,
         ]
         self.views = W.VBox([], layout=W.Layout(width="100%"))  # filled by the first good prompt
         self.widget = W.VBox([plotly_loader(), self.header, self.prompt_box, self.submit_button, self.message, self.views],
@@ -182,7 +190,7 @@ class ExplorerApp:
         self.latent = self.ex.strongest_latent(run, self.layer, self.position)
         self._set_controls()
         self._draw_strip_buttons()
-        self._redraw({"strip", "latent", "hist", "position", "heatmap", "examples", "logits"})
+        self._redraw({"strip", "picks", "latent", "hist", "position", "heatmap", "examples", "card", "logits"})
         if not self.views.children:
             self.views.children = self._view_children
         self.timings["submit"] = time.perf_counter() - start
@@ -192,19 +200,19 @@ class ExplorerApp:
     def set_layer(self, layer: int) -> None:
         self.ex.layer_index(layer)
         self.layer = int(layer)
-        self._timed("layer", {"strip", "latent", "hist", "examples", "logits"})
+        self._timed("layer", {"strip", "picks", "latent", "hist", "examples", "card", "logits"})
 
     @_guarded
     def set_latent(self, latent: int) -> None:
         self.latent = self.ex.check_latent(latent)
-        self._timed("latent", {"strip", "latent", "position", "heatmap", "examples", "logits"})
+        self._timed("latent", {"strip", "latent", "position", "heatmap", "examples", "card", "logits"})
 
     @_guarded
     def set_position(self, position: int) -> None:
         if self.run is None:
             raise ExplorerInputError("submit a prompt first")
         self.position = self.ex.check_position(self.run, position)
-        self._timed("position", {"strip_outline", "position", "logits"})
+        self._timed("position", {"strip_outline", "picks", "position", "logits"})
 
     @_guarded
     def set_threshold(self, threshold: float) -> None:
@@ -222,7 +230,7 @@ class ExplorerApp:
             raise ExplorerInputError("submit a prompt first")
         self.latent = self.ex.strongest_latent(self.run, self.layer, self.position)
         self._set_controls()
-        self._timed("latent", {"strip", "latent", "position", "heatmap", "examples", "logits"})
+        self._timed("latent", {"strip", "latent", "position", "heatmap", "examples", "card", "logits"})
 
     @_guarded
     def select(self, latent: int | None = None, layer: int | None = None) -> None:
@@ -233,7 +241,7 @@ class ExplorerApp:
         if latent is not None:
             self.latent = self.ex.check_latent(latent)
         self._set_controls()
-        self._timed("select", {"strip", "latent", "hist", "position", "heatmap", "examples", "logits"})
+        self._timed("select", {"strip", "picks", "latent", "hist", "position", "heatmap", "examples", "card", "logits"})
 
     # -- drawing ------------------------------------------------------------------------------
 
@@ -270,9 +278,11 @@ class ExplorerApp:
         draw = {
             "strip": self._draw_strip, "strip_outline": self._draw_outline, "latent": self._draw_latent,
             "hist": self._draw_hist, "position": self._draw_position, "heatmap": self._draw_heatmap,
-            "examples": self._draw_examples, "logits": self._draw_logits,
+            "examples": self._draw_examples, "logits": self._draw_logits, "picks": self._draw_picks,
+            "card": self._draw_card,
         }
-        for name in ("strip", "strip_outline", "latent", "hist", "position", "heatmap", "examples", "logits"):
+        for name in ("strip", "strip_outline", "picks", "latent", "hist", "position", "heatmap", "examples", "card",
+                     "logits"):
             if name in parts:
                 draw[name]()
                 if name == "strip":
@@ -369,6 +379,24 @@ class ExplorerApp:
         self.figure_specs[slot] = spec
         slot.outputs = ({"output_type": "display_data", "metadata": {},
                          "data": {"text/html": figure_html(spec), "text/plain": _title(spec)}},)
+
+    def _draw_picks(self) -> None:
+        """A button per latent active at the selected layer and position; a click selects it."""
+        self._picks = self.ex.top_latents(self.run, self.layer, self.position)
+        while len(self._pick_buttons) < len(self._picks):
+            b = W.Button(layout=W.Layout(width="auto", height="26px", margin="1px", padding="0 6px"))
+            b.add_class("mlsae-pick")
+            b.on_click(functools.partial(self._click_pick, len(self._pick_buttons)))
+            self._pick_buttons.append(b)
+        for b, (latent, value) in zip(self._pick_buttons, self._picks):
+            b.description, b.tooltip = f"{latent} · {value:.2f}", f"latent {latent}: activation {value:.3f}"
+        self.picks.children = tuple(self._pick_buttons[: len(self._picks)])
+
+    def _click_pick(self, i: int, _button: W.Button) -> None:
+        self.select(latent=self._picks[i][0])
+
+    def _draw_card(self) -> None:
+        self.card_html.value = figs.card_html(self.ex.card(self.latent), self.ex.transformer.tokenizer)
 
     def _draw_examples(self) -> None:
         table, why = self.ex.examples_table(self.latent, self.layer)

@@ -414,7 +414,25 @@ class Explorer:
             for i, t, v in zip(ids_list, texts, values.tolist())
         ]
 
-    # -- max-activating examples -------------------------------------------------------------
+    # -- max-activating examples and latent cards ---------------------------------------------
+
+    @functools.cached_property
+    def cards(self):
+        """Latent cards from the examples store's analysis folder (its dists and histograms)."""
+        from mlsae.analysis.cards import Cards
+
+        return Cards(self.sae, self.transformer, getattr(self.examples, "folder", None), examples=self.examples)
+
+    def card(self, latent: int):
+        """``latent``'s card (``mlsae.analysis.cards.LatentCard``), as the book's examples chapter shows it."""
+        return self.cards.card(self.check_latent(latent))
+
+    def top_latents(self, run: PromptRun, layer: int, position: int) -> list[tuple[int, float]]:
+        """(latent, activation) of the latents active at ``layer`` and ``position``, strongest first."""
+        i, p = self.layer_index(layer), self.check_position(run, position)
+        values, indices = run.topk.values[i, p], run.topk.indices[i, p]
+        order = values.argsort(descending=True)
+        return [(int(indices[j]), float(values[j])) for j in order if values[j] > 0]
 
     def examples_table(self, latent: int, layer: int, n: int = 32) -> tuple[pd.DataFrame | None, str]:
         """Top examples of (latent, layer) from the examples store, or None and why there are none."""

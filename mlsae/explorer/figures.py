@@ -195,7 +195,7 @@ def examples_html(table, tokenizer, n: int = 32) -> str:
             f'<tr><td style="padding-right:8px;color:#555">{int(row["rank"]) + 1}</td>'
             f'<td style="padding-right:8px;font-family:{_FONT}">{float(row["activation"]):.3f}</td><td>{strip}</td></tr>'
         )
-    return f'<table style="border-collapse:collapse"><tr><th>#</th><th>act</th><th>context</th></tr>{"".join(rows)}</table>'
+    return f'<table style="border-collapse:collapse;margin:0"><tr><th>#</th><th>act</th><th>context</th></tr>{"".join(rows)}</table>'
 
 
 def _logit_rows(items: Sequence[Logit], signed: bool) -> str:
@@ -211,7 +211,7 @@ def _logit_rows(items: Sequence[Logit], signed: bool) -> str:
 def logit_table_html(title: str, items: Sequence[Logit], signed: bool = False) -> str:
     head = "<th>token</th><th>Δ logit</th>" if signed else "<th>token</th><th>logit</th><th>p</th>"
     return (f"<div style='margin:0 12px 8px 0'><div style='font-weight:600'>{html.escape(title)}</div>"
-            f"<table style='font-size:12px;border-collapse:collapse'><tr>{head}</tr>{_logit_rows(items, signed)}</table></div>")
+            f"<table style='font-size:12px;border-collapse:collapse;margin:0'><tr>{head}</tr>{_logit_rows(items, signed)}</table></div>")
 
 
 def logits_html(panels: dict[str, LogitLists | str]) -> str:
@@ -228,3 +228,90 @@ def logits_html(panels: dict[str, LogitLists | str]) -> str:
         parts.append(f"<div style='margin:0 24px 12px 0'><div style='font-weight:700;margin-bottom:4px'>"
                      f"{html.escape(name)}</div><div style='display:flex;flex-wrap:wrap'>{body}</div></div>")
     return f"<div style='display:flex;flex-wrap:wrap'>{''.join(parts)}</div>"
+
+
+# ----------------------------------------------------------------------------- latent cards
+
+_SVG_TEXT = "font-size:10px;fill:#555;font-family:system-ui,sans-serif"
+
+
+def _svg(width: int, height: int, body: str, title: str) -> str:
+    return (f"<div style='margin:0 16px 8px 0'><div style='font-weight:600;font-size:13px'>{html.escape(title)}</div>"
+            f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg'>{body}</svg></div>")
+
+
+def _text(x: float, y: float, s: str, anchor: str = "middle") -> str:
+    return f"<text x='{x:.1f}' y='{y:.1f}' text-anchor='{anchor}' style='{_SVG_TEXT}'>{html.escape(s)}</text>"
+
+
+def layer_bars_svg(values: Sequence[float], layers: Sequence[int], title: str, width: int = 280, height: int = 120) -> str:
+    """A bar per layer (hover a bar for its value), the layer on the x axis."""
+    left, bottom, top_pad = 30, 16, 6
+    plot_w, plot_h = width - left - 4, height - bottom - top_pad
+    top = max(max(values, default=0.0), 1e-12)
+    bw = plot_w / max(len(values), 1)
+    bars = [f"<rect x='{left + i * bw:.1f}' y='{top_pad + plot_h * (1 - v / top):.1f}' width='{max(bw - 1, 1):.1f}' "
+            f"height='{plot_h * v / top:.1f}' fill='{ACCENT}'><title>layer {l}: {v:.3g}</title></rect>"
+            for i, (l, v) in enumerate(zip(layers, values))]
+    ticks = sorted({0, len(layers) // 2, len(layers) - 1}) if layers else []
+    labels = [_text(left + (i + 0.5) * bw, height - 4, str(layers[i])) for i in ticks]
+    axis = [_text(left - 3, top_pad + 8, f"{top:.2g}", "end"), _text(left - 3, top_pad + plot_h, "0", "end")]
+    return _svg(width, height, "".join(bars + labels + axis), title)
+
+
+def histogram_svg(hist: Tensor, edges: Tensor, layers: Sequence[int], title: str, width: int = 280,
+                  height: int = 150) -> str:
+    """Tokens per (layer, activation bin) as shaded cells, layer 0 at the top and log-spaced bins
+    (only the range of bins with any token) along x; the shade is log(1 + count)."""
+    left, bottom = 30, 16
+    nonzero = hist.sum(0).nonzero().flatten().tolist()
+    if not nonzero:
+        return _svg(width, 30, _text(4, 16, "never active", "start"), title)
+    b0, b1 = nonzero[0], nonzero[-1] + 1
+    h = hist[:, b0:b1].double()
+    cw, ch = (width - left - 4) / (b1 - b0), (height - bottom) / len(layers)
+    top = float(h.max().log1p())
+    cells = []
+    for i, row in enumerate(h.tolist()):
+        for j, c in enumerate(row):
+            if c:
+                lo, hi = float(edges[b0 + j]), float(edges[b0 + j + 1])
+                cells.append(f"<rect x='{left + j * cw:.1f}' y='{i * ch:.1f}' width='{cw + 0.2:.1f}' height='{ch + 0.2:.1f}' "
+                             f"fill='{shade(float(np.log1p(c)), top)}'><title>layer {layers[i]}, activation "
+                             f"{lo:.3g}–{hi:.3g}: {int(c)} tokens</title></rect>")
+    frame = f"<rect x='{left}' y='0' width='{width - left - 4}' height='{height - bottom}' fill='none' stroke='#ddd'/>"
+    labels = [_text(left, height - 4, f"{float(edges[b0]):.2g}", "start"),
+              _text(width - 4, height - 4, f"{float(edges[b1]):.2g}", "end"),
+              _text((left + width) / 2, height - 4, "activation (log)"),
+              _text(left - 3, ch / 2 + 4, str(layers[0]), "end"), _text(left - 3, height - bottom, str(layers[-1]), "end")]
+    return _svg(width, height, frame + "".join(cells + labels), title)
+
+
+def card_html(card, tokenizer, n_examples: int = 5) -> str:
+    """One latent's card (``mlsae.analysis.cards.LatentCard``) as HTML with inline SVG: no scripts,
+    so it shows the same in the book, a widget and a saved page."""
+    head = f"<div style='font-size:16px;font-weight:700'>Latent {card.latent}</div>"
+    if card.probs is not None:
+        active = int(card.counts.sum())
+        mean_layer = np.interp(card.layer_mean, range(len(card.layers)), card.layers)
+        head += (f"<div style='color:#555;font-size:13px'>mean layer {mean_layer:.1f} · layer std {card.layer_std:.2f} · "
+                 f"active on {active} token-layer pairs of {card.tokens} tokens × {len(card.layers)} layers</div>")
+    panels = []
+    if card.probs is not None:
+        panels.append(layer_bars_svg(torch.nan_to_num(card.probs).tolist(), card.layers, "share of activation per layer, p(l | f)"))
+    if card.hist is not None:
+        panels.append(histogram_svg(card.hist, card.edges, card.layers, "activations per layer (rows: layers, shade: log tokens)"))
+    panels.append(logit_table_html("promotes (direct logit effect)", card.promoted, signed=True))
+    panels.append(logit_table_html("suppresses", card.suppressed, signed=True))
+    parts = [head, f"<div style='display:flex;flex-wrap:wrap;align-items:flex-start;margin-top:6px'>{''.join(panels)}</div>"]
+    for layer, df in card.contexts.items():
+        i = card.layers.index(layer)
+        share = "" if card.probs is None else f" · {float(torch.nan_to_num(card.probs[i])):.0%} of its activation"
+        count = "" if card.counts is None else f" · active on {int(card.counts[i])} tokens"
+        parts.append(f"<div style='font-weight:600;font-size:13px;margin-top:8px'>top contexts at layer {layer}{share}{count}</div>"
+                     + examples_html(df, tokenizer, n_examples))
+    if card.missing:
+        parts.append(f"<div style='color:#888;font-size:12px;margin-top:6px'>not shown (the analysis folder lacks it): "
+                     f"{html.escape(', '.join(card.missing))}</div>")
+    return (f"<div class='mlsae-card' id='latent-{card.latent}' style='border:1px solid #ddd;border-radius:6px;"
+            f"padding:10px 14px;margin:10px 0'>{''.join(parts)}</div>")
