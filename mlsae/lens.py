@@ -8,9 +8,14 @@ distribution:
     inverse_l(t)   = (I + A_l)^-1 (t - b_l)
 
 The fit minimises the sum over layers of KL(p_final || p_lens,l), averaged over the positions the
-position rule keeps (``mlsae.positions``), with the tuned-lens paper's optimiser: SGD with Nesterov
-momentum 0.9, learning rate ``lr`` decayed linearly to 0, weight decay 1e-3, one pass over
-``max_tokens`` tokens of the training split. An MLSAE trained on translated residuals sees every
+position rule keeps (``mlsae.positions``), in one pass over ``max_tokens`` tokens of the training
+split, learning rate ``lr`` decayed linearly to 0. The tuned-lens paper starts from the identity
+and uses SGD with Nesterov momentum 0.9, learning rate 1.0 and weight decay 1e-3
+(``--start identity --optimizer sgd --lr 1``). Its gradients scale with the squared residual norm,
+and on SmolLM2 (norms near 130, not Pythia's few tens) that learning rate diverges, so the default
+starts from the least-squares affine map of each layer's residual onto the last layer's
+(``--start lstsq``: exact, from ``lstsq_tokens`` tokens, cheap next to the KL steps, which need the
+LM head at every layer) and fine-tunes it with Adam (``--optimizer adam``, scale-free). An MLSAE trained on translated residuals sees every
 layer in the final layer's basis (the paper's ``-lens`` variant, claim 4); its reconstructions map
 back through the inverse. Saved as ``lens.safetensors`` (``weight [L, d, d]``, ``bias [L, d]``;
 metadata: the layers and the model), with ``lens.json``: the options and the KL per layer of the
@@ -140,8 +145,16 @@ class LensConfig(DataOptions):
     """Tokens to fit on (one pass)."""
     tokens_per_step: int = 1_024
     """Tokens per optimizer step."""
-    lr: float = 1.0
-    """Peak learning rate of SGD (Nesterov momentum 0.9), decayed linearly to 0 (the tuned-lens paper's)."""
+    start: str = "lstsq"
+    """Where the translators start: lstsq (least squares onto the last layer's residual) or identity."""
+    lstsq_tokens: int = 32_768
+    """Training tokens of the least-squares start."""
+    fine_tune: bool = True
+    """Fine-tune by the KL after the start (False: the least-squares map alone)."""
+    optimizer: str = "adam"
+    """adam, or sgd (Nesterov momentum 0.9, the tuned-lens paper's, with --lr 1)."""
+    lr: float = 1e-4
+    """Peak learning rate, decayed linearly to 0."""
     weight_decay: float = 1e-3
     eval_split: str = "val"
     """Held-out split on which lens.json reports the KL per layer of the identity and the tuned lens."""
@@ -158,6 +171,9 @@ class LensConfig(DataOptions):
                              f"({self.batch_size * self.max_length})")
         if self.max_tokens < self.tokens_per_step:
             raise MLSAEError(f"--max_tokens ({self.max_tokens}) is less than one step ({self.tokens_per_step} tokens)")
+        if self.start not in ("lstsq", "identity") or self.optimizer not in ("adam", "sgd"):
+            raise MLSAEError(f"--start must be lstsq or identity and --optimizer adam or sgd, got {self.start!r} "
+                             f"and {self.optimizer!r}")
 
 
 def _batches(cfg: LensConfig, transformer: Transformer, split: str, max_tokens: int) -> list[Tensor]:
@@ -177,10 +193,21 @@ def fit(cfg: LensConfig, transformer: Transformer, rule: PositionRule = Position
     layers = list(cfg.layers) if cfg.layers else list(range(transformer.n_layers))
     lens = TunedLens(layers, transformer.d_model, cfg.model_name).to(device)
     transformer.requires_grad_(False)
+    if cfg.start == "lstsq":
+        weight, bias = least_squares(transformer, _batches(cfg, transformer, cfg.split, cfg.lstsq_tokens), layers, rule,
+                                     cfg.precision)
+        with torch.no_grad():
+            lens.weight.copy_(weight)
+            lens.bias.copy_(bias)
+    if not cfg.fine_tune:
+        return lens.eval()
     batches = _batches(cfg, transformer, cfg.split, cfg.max_tokens)
     per_step = cfg.tokens_per_step // (cfg.batch_size * cfg.max_length)
     steps = max(len(batches) // per_step, 1)
-    opt = torch.optim.SGD(lens.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(lens.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(lens.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
     autocast = precision_autocast(cfg.precision, device)
     for step in tqdm(range(steps), desc="tuned lens", unit="step"):
@@ -198,6 +225,31 @@ def fit(cfg: LensConfig, transformer: Transformer, rule: PositionRule = Position
         schedule.step()
         opt.zero_grad(set_to_none=True)
     return lens.eval()
+
+
+@torch.no_grad()
+def least_squares(transformer: Transformer, batches: list[Tensor], layers: list[int], rule: PositionRule,
+                  precision: str = "auto", ridge: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Translators ``(A [L, d, d], b [L, d])`` with ``h + A h + b`` the least-squares fit of the last
+    layer's residual from layer l's over the kept positions (fp64 normal equations; ``ridge`` times
+    the mean diagonal keeps them solvable). The last layer's own is the identity."""
+    last, d = transformer.n_layers - 1, transformer.d_model
+    read = sorted(set(layers) | {last})
+    device = transformer.device
+    xtx = torch.zeros(len(layers), d + 1, d + 1, dtype=torch.float64, device=device)
+    xty = torch.zeros(len(layers), d + 1, d, dtype=torch.float64, device=device)
+    for ids in tqdm(batches, desc="tuned lens: least squares", unit="batch"):
+        with precision_autocast(precision, device):
+            kept = read_residuals(transformer, ids.to(device), read, rule).kept
+        x = torch.cat([kept[[read.index(layer) for layer in layers]], kept.new_ones(len(layers), kept.shape[1], 1)], -1)
+        xtx += (x.transpose(1, 2) @ x).double()
+        xty += (x.transpose(1, 2) @ kept[read.index(last)]).double()
+    scale = xtx.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None]
+    w = torch.linalg.solve(xtx + ridge * scale * torch.eye(d + 1, dtype=torch.float64, device=device), xty)
+    eye = torch.eye(d, dtype=torch.float64, device=device)
+    weight, bias = w[:, :d].transpose(1, 2) - eye, w[:, d]  # y = h W[:d] + W[d] = h + h A^T + b
+    is_last = torch.tensor([layer == last for layer in layers], device=device)
+    return weight.where(~is_last[:, None, None], 0).float(), bias.where(~is_last[:, None], 0).float()
 
 
 @torch.no_grad()

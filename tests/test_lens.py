@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlsae.lens import LensConfig, TunedLens, fit, kl_per_layer, _batches
-from mlsae.positions import PositionRule
+from mlsae.lens import LensConfig, TunedLens, _batches, fit, kl_per_layer, least_squares, translate
+from mlsae.positions import PositionRule, read_residuals
 from mlsae.tiny import make_tiny
 from mlsae.transformer import Transformer, load_transformer
 from mlsae.utils import MLSAEError
@@ -47,11 +47,17 @@ def test_inverse_of_translate_is_the_identity():
     torch.testing.assert_close(TunedLens([0, 1, 2], 16).translate(x), x)  # identity at the start
 
 
-def test_fitted_lens_lowers_the_kl_on_held_out_text(tiny, tmp_path):
+@pytest.mark.parametrize("recipe", [
+    {"start": "identity", "optimizer": "sgd", "lr": 1.0},  # the tuned-lens paper's
+    {"start": "lstsq", "fine_tune": False},
+    {"start": "lstsq", "optimizer": "adam", "lr": 1e-3},
+])
+def test_fitted_lens_lowers_the_kl_on_held_out_text(tiny, tmp_path, recipe):
     model, tokenizer = load_transformer(str(tiny / "tiny"))
     transformer = Transformer(model, tokenizer)
     cfg = LensConfig(model_name=str(tiny / "tiny"), path=str(tiny), max_length=32, batch_size=4, max_tokens=4096,
-                     tokens_per_step=256, precision="fp32", device="cpu", out_dir=str(tmp_path))
+                     tokens_per_step=256, lstsq_tokens=4096, precision="fp32", device="cpu", out_dir=str(tmp_path),
+                     **recipe)
     torch.manual_seed(0)
     lens = fit(cfg, transformer)
     held_out = _batches(cfg, transformer, "val", 1024)
@@ -64,6 +70,22 @@ def test_fitted_lens_lowers_the_kl_on_held_out_text(tiny, tmp_path):
     back = TunedLens.load(tmp_path)
     assert back.layers == [0, 1, 2] and back.model_name == cfg.model_name
     torch.testing.assert_close(back.weight, lens.weight.detach())
+
+
+def test_least_squares_start_is_the_least_squares_fit(tiny):
+    """The residual of the fit to the last layer is orthogonal to every input direction (and the constant)."""
+    model, tokenizer = load_transformer(str(tiny / "tiny"))
+    transformer = Transformer(model, tokenizer)
+    cfg = LensConfig(model_name=str(tiny / "tiny"), path=str(tiny), max_length=32, batch_size=4, precision="fp32")
+    batches, rule = _batches(cfg, transformer, "train", 2048), PositionRule()
+    weight, bias = least_squares(transformer, batches, [0, 1, 2], rule, "fp32", ridge=0.0)
+    assert weight[2].abs().max() == 0 and bias[2].abs().max() == 0  # the last layer's own: the identity
+    h = torch.cat([read_residuals(transformer, ids, [0, 1, 2], rule).kept for ids in batches], 1).double()
+    error = translate(h, weight.double(), bias.double()) - h[2]
+    x = torch.cat([h, torch.ones_like(h[..., :1])], -1)
+    cos = (x.transpose(1, 2) @ error)[:2] / (x.norm(dim=1)[:2, :, None] * error.norm(dim=1)[:2, None, :])
+    assert cos.abs().max() < 1e-3  # each input column orthogonal to each error column: the optimum
+    assert (error[:2].square().mean((1, 2)) < 0.9 * (h[:2] - h[2]).square().mean((1, 2))).all()  # beats the identity
 
 
 def test_cli_writes_lens_and_report(tiny, tmp_path):
