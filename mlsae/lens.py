@@ -208,6 +208,7 @@ def fit(cfg: LensConfig, transformer: Transformer, rule: PositionRule = Position
         opt = torch.optim.SGD(lens.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(lens.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    frozen = torch.tensor([layer == transformer.n_layers - 1 for layer in layers], device=device)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
     autocast = precision_autocast(cfg.precision, device)
     for step in tqdm(range(steps), desc="tuned lens", unit="step"):
@@ -221,6 +222,7 @@ def fit(cfg: LensConfig, transformer: Transformer, rule: PositionRule = Position
                     translated = lens.translate(h[i : i + 1], slice(i, i + 1))[0]
                     loss = kl_to_final(transformer, translated, log_p) / n
                 loss.backward()
+        lens.weight.grad[frozen], lens.bias.grad[frozen] = 0, 0  # the last layer's readout is the model's own
         opt.step()
         schedule.step()
         opt.zero_grad(set_to_none=True)
