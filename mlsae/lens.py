@@ -15,7 +15,8 @@ and uses SGD with Nesterov momentum 0.9, learning rate 1.0 and weight decay 1e-3
 and on SmolLM2 (norms near 130, not Pythia's few tens) that learning rate diverges, so the default
 starts from the least-squares affine map of each layer's residual onto the last layer's
 (``--start lstsq``: exact, from ``lstsq_tokens`` tokens, cheap next to the KL steps, which need the
-LM head at every layer) and fine-tunes it with Adam (``--optimizer adam``, scale-free). An MLSAE trained on translated residuals sees every
+LM head at every layer) and fine-tunes it with Adam (``--optimizer adam``, scale-free). The last
+layer's translator stays the identity. An MLSAE trained on translated residuals sees every
 layer in the final layer's basis (the paper's ``-lens`` variant, claim 4); its reconstructions map
 back through the inverse. Saved as ``lens.safetensors`` (``weight [L, d, d]``, ``bias [L, d]``;
 metadata: the layers and the model), with ``lens.json``: the options and the KL per layer of the
@@ -208,7 +209,7 @@ def fit(cfg: LensConfig, transformer: Transformer, rule: PositionRule = Position
         opt = torch.optim.SGD(lens.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(lens.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    frozen = torch.tensor([layer == transformer.n_layers - 1 for layer in layers], device=device)
+    frozen = _is_last(layers, transformer)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
     autocast = precision_autocast(cfg.precision, device)
     for step in tqdm(range(steps), desc="tuned lens", unit="step"):
@@ -227,6 +228,11 @@ def fit(cfg: LensConfig, transformer: Transformer, rule: PositionRule = Position
         schedule.step()
         opt.zero_grad(set_to_none=True)
     return lens.eval()
+
+
+def _is_last(layers: list[int], transformer: Transformer) -> Tensor:
+    """Which of ``layers`` is the last one, whose translator is the identity (its readout is the model's)."""
+    return torch.tensor([layer == transformer.n_layers - 1 for layer in layers], device=transformer.device)
 
 
 @torch.no_grad()
@@ -250,7 +256,7 @@ def least_squares(transformer: Transformer, batches: list[Tensor], layers: list[
     w = torch.linalg.solve(xtx + ridge * scale * torch.eye(d + 1, dtype=torch.float64, device=device), xty)
     eye = torch.eye(d, dtype=torch.float64, device=device)
     weight, bias = w[:, :d].transpose(1, 2) - eye, w[:, d]  # y = h W[:d] + W[d] = h + h A^T + b
-    is_last = torch.tensor([layer == last for layer in layers], device=device)
+    is_last = _is_last(layers, transformer)
     return weight.where(~is_last[:, None, None], 0).float(), bias.where(~is_last[:, None], 0).float()
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from mlsae.analysis.common import load_pair, output_dir, parse
 from mlsae.analysis.dists import Dists
 from mlsae.analysis.stream import Batch
-from mlsae.explorer.core import Logit, token_texts, visible
+from mlsae.explorer.core import Logit, logit_items
 from mlsae.formats import sae_name
 from mlsae.model import MLSAE
 from mlsae.transformer import Transformer
@@ -165,13 +165,9 @@ class Cards:
         return sorted(top)
 
     def _logits(self, effect: Tensor, n: int) -> tuple[list[Logit], list[Logit]]:
+        up, down = effect.topk(n), effect.topk(n, largest=False)
         tok = self.transformer.tokenizer
-        up, down = effect.topk(n), (-effect).topk(n)
-
-        def items(ids: Tensor, values: Tensor) -> list[Logit]:
-            return [Logit(i, visible(t), v) for i, t, v in zip(ids.tolist(), token_texts(tok, ids.tolist()), values.tolist())]
-
-        return items(up.indices, up.values), items(down.indices, -down.values)
+        return logit_items(tok, up.indices, up.values), logit_items(tok, down.indices, down.values)
 
 
 @torch.no_grad()

@@ -407,12 +407,7 @@ class Explorer:
                           self._logits(down.indices, down.values))
 
     def _logits(self, ids: Tensor, values: Tensor, probs: Tensor | None = None) -> list[Logit]:
-        ids_list = ids.tolist()
-        texts = token_texts(self.transformer.tokenizer, ids_list)
-        return [
-            Logit(i, visible(t), float(v), None if probs is None else float(probs[i]))
-            for i, t, v in zip(ids_list, texts, values.tolist())
-        ]
+        return logit_items(self.transformer.tokenizer, ids, values, probs)
 
     # -- max-activating examples and latent cards ---------------------------------------------
 
@@ -447,6 +442,13 @@ class Explorer:
         if table is None or len(table) == 0:
             return None, f"no stored examples for latent {latent} at layer {layer}"
         return table, ""
+
+
+def logit_items(tokenizer, ids: Tensor, values: Tensor, probs: Tensor | None = None) -> list[Logit]:
+    """``Logit`` rows of token ``ids`` with their ``values`` (and softmax ``probs`` over the vocabulary)."""
+    ids_list = ids.tolist()
+    return [Logit(i, visible(t), float(v), None if probs is None else float(probs[i]))
+            for i, t, v in zip(ids_list, token_texts(tokenizer, ids_list), values.tolist())]
 
 
 def _sorted_by_mean_layer(latents: list[int], values: Tensor, layers: list[int]) -> LatentLayerMatrix:
