@@ -23,6 +23,7 @@ from book.stages import (
     ensure_analysis_pass,
     ensure_decoder,
     ensure_evaluated,
+    ensure_evaluated_many,
     ensure_resid,
     ensure_trained,
     eval_dists_path,
@@ -30,6 +31,7 @@ from book.stages import (
     main_run,
     read_metrics,
     run_dirs,
+    baseline_dirs,
     sae_config,
     sae_positions,
     train_status,
@@ -59,6 +61,6 @@ def setup(profile: str = "default", *, quiet: bool = True) -> Profile:
 
 
 __all__ = [
-    "PAPER", "EvalConfig", "claims", "analysis_dir", "data_options", "ensure_analysis_pass", "ensure_decoder", "ensure_resid", "Profile", "Results", "ensure_evaluated", "ensure_trained", "eval_dists_path", "eval_path", "fmt_number",
-    "load_profile", "main_run", "ratio_verdict", "number_tokens", "profile_path", "read_metrics", "recipe_study", "repo_root", "run_dirs", "sae_config", "sae_positions", "setup", "train_status", "write_tables",
+    "PAPER", "EvalConfig", "claims", "analysis_dir", "data_options", "ensure_analysis_pass", "ensure_decoder", "ensure_resid", "Profile", "Results", "ensure_evaluated", "ensure_evaluated_many", "ensure_trained", "eval_dists_path", "eval_path", "fmt_number",
+    "load_profile", "main_run", "ratio_verdict", "number_tokens", "profile_path", "read_metrics", "recipe_study", "repo_root", "run_dirs", "baseline_dirs", "sae_config", "sae_positions", "setup", "train_status", "write_tables",
 ]

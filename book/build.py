@@ -175,7 +175,6 @@ def build_info(profile: str, out: Path) -> str:
     prof = load_profile(profile)
     R = Results("book", out)
     cfg = prof.train_config()
-    base = prof.section("baselines")
     lines = [
         f"This book was built from the profile **{R.text('profile', prof.name)}** "
         f"(`{R.text('profile_file', _shown_path(prof.path))}`): "
@@ -186,8 +185,8 @@ def build_info(profile: str, out: Path) -> str:
         f"each trained on {R.param('max_tokens', cfg.max_tokens)} tokens "
         f"({R.param('tokens_per_step', cfg.tokens_per_step)} per step, context {R.param('max_length', cfg.max_length)}).",
     ]
-    if base.get("layers"):
-        lines.append(f"- Per-layer SAE baselines at layers {R.param('baseline_layers', base['layers'])}.")
+    if cfg.baselines:
+        lines.append(f"- Per-layer SAE baselines at layers {R.param('baseline_layers', cfg.baselines)}, trained in the sweep's pass.")
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit = _git("rev-parse", "--short", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))

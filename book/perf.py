@@ -11,16 +11,13 @@ from book.stages import read_metrics
 
 
 def training_rows(folders: list[Path], cfg) -> pd.DataFrame:
-    """Throughput at the end of training: the sweep (its runs share one log rate) and every
-    per-layer baseline found beside it (``<runs>/layer-*``)."""
+    """Throughput at the end of training: the sweep's one pass (its MLSAEs and per-layer baselines
+    share one log rate)."""
     rows = []
     if folders and (folders[0] / "metrics.jsonl").is_file():
         last = read_metrics(folders[0]).iloc[-1]
-        rows.append({"run": f"sweep ({len(folders)} MLSAEs)", "tokens": int(last["tokens"]),
-                     "tokens/s": float(last["tokens_per_s"])})
-    for log in sorted(Path(cfg.out_dir).parent.glob("layer-*/*/metrics.jsonl")):
-        last = read_metrics(log.parent).iloc[-1]
-        rows.append({"run": f"per-layer SAE, {log.parent.parent.name}", "tokens": int(last["tokens"]),
+        baselines = f" + {len(cfg.baselines)} per-layer SAEs" if cfg.baselines else ""
+        rows.append({"run": f"sweep ({len(folders)} MLSAEs{baselines})", "tokens": int(last["tokens"]),
                      "tokens/s": float(last["tokens_per_s"])})
     frame = pd.DataFrame(rows)
     if not frame.empty:

@@ -3,10 +3,8 @@
 A profile holds the parameters of every stage, so that ``make all PROFILE=<name>`` and every
 notebook of the book agree on them:
 
-- ``train``: options of ``mlsae.train`` for the sweep (the file doubles as its config:
-  ``python -m mlsae.train --config_path profiles/<name>.yaml``);
-- ``baselines``: per-layer SAEs (the paper's single-layer baselines): ``layers`` and the
-  train options that differ from ``train``;
+- ``train``: options of ``mlsae.train`` for the sweep and its per-layer baselines (the file
+  doubles as its config: ``python -m mlsae.train --config_path profiles/<name>.yaml``);
 - ``transfer``: ``mlsae.evaluate`` options that differ from ``evaluate`` for evaluating each
   per-layer SAE at every layer (the baselines chapter's transfer matrix);
 - ``evaluate``: options of ``mlsae.evaluate`` for every trained SAE;
@@ -123,17 +121,6 @@ class Profile:
         elif changed or "out_dir" not in values:
             values["out_dir"] = str(Path(values.get("out_dir", self.runs_dir() / "sweep")).with_name(sweep))
         return TrainConfig(**_only_known(TrainConfig, values, f"{self.path} train"))
-
-    def baseline_config(self, runs_dir: str | Path | None = None, **overrides: Any) -> TrainConfig:
-        """The per-layer SAEs: one single-layer SAE per baseline layer (``per_layer``), all trained
-        from one transformer pass, in ``<runs_dir>/baselines``; ``None`` overrides keep the profile's."""
-        values = self.section("train")
-        values.update(self.section("baselines"))
-        changed = {k: v for k, v in _drop_none(overrides).items() if values.get(k) != v}
-        values.update(changed, per_layer=True)
-        suffix = "" if not changed else "-" + _digest(changed)  # experiments never replace the profile's runs
-        values["out_dir"] = str((Path(runs_dir) if runs_dir is not None else self.runs_dir()) / f"baselines{suffix}")
-        return TrainConfig(**_only_known(TrainConfig, values, f"{self.path} baselines"))
 
     def eval_config(self, sae: str | Path, out_dir: str | Path, **overrides: Any) -> EvalConfig:
         """``mlsae.evaluate`` options for one trained SAE; results go to ``out_dir``."""

@@ -66,37 +66,71 @@ def file_digest(path: Path) -> str | None:
 STAMPS = "book-stages.json"
 
 
+def stage_key(options: dict, code: tuple[str, ...], inputs: tuple[Path, ...] = ()) -> dict:
+    """What decides a stage's results: its options, the source of its ``code`` modules, the bytes of its ``inputs``."""
+    return {"options": json.loads(json.dumps(options, default=str)), "code": code_digest(code),
+            "inputs": {p.name: file_digest(p) for p in inputs}}
+
+
+def _stamps(folder: Path) -> dict:
+    path = folder / STAMPS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def fresh(folder: Path, stage: str, key: dict, outputs: tuple[Path, ...]) -> dict | None:
+    """The stamp of ``stage`` in ``folder`` if it holds ``key`` and every output exists, else None."""
+    saved = _stamps(folder).get(stage) or {}
+    return saved if saved.get("key") == key and all(p.exists() for p in outputs) else None
+
+
+def unstamp(folder: Path, stage: str) -> None:
+    """Forget ``stage`` before computing it, so that a stage killed half-way is computed again."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamps = _stamps(folder)
+    if stamps.pop(stage, None) is not None:
+        atomic_write_text(folder / STAMPS, json.dumps(stamps, indent=1))
+
+
+def stamp(folder: Path, stage: str, key: dict, seconds: float) -> None:
+    stamps = _stamps(folder)
+    stamps[stage] = {"key": key, "seconds": seconds}
+    atomic_write_text(folder / STAMPS, json.dumps(stamps, indent=1))
+
+
 def cached(folder: Path, stage: str, *, options: dict, code: tuple[str, ...], inputs: tuple[Path, ...] = (),
            outputs: tuple[Path, ...], compute: Callable[[], object]) -> dict:
     """Run ``compute`` (which writes ``outputs``) unless ``folder``'s stamps hold this ``stage``
-    with the same key: ``options``, the source of the ``code`` modules and the bytes of ``inputs``.
+    with the same ``stage_key``.
 
     Returns ``{"status": "cached" | "computed", "seconds": ...}`` (the seconds computing took,
-    also when cached). The stamp is removed before computing, so a stage killed half-way is
-    computed again.
+    also when cached).
     """
-    key = {"options": json.loads(json.dumps(options, default=str)), "code": code_digest(code),
-           "inputs": {p.name: file_digest(p) for p in inputs}}
-    path = folder / STAMPS
-    stamps = json.loads(path.read_text()) if path.is_file() else {}
-    saved = stamps.get(stage) or {}
-    if saved.get("key") == key and all(p.exists() for p in outputs):
+    key = stage_key(options, code, inputs)
+    saved = fresh(folder, stage, key, outputs)
+    if saved is not None:
         return {"status": "cached", "seconds": saved["seconds"]}
-    folder.mkdir(parents=True, exist_ok=True)
-    if stamps.pop(stage, None) is not None:
-        atomic_write_text(path, json.dumps(stamps, indent=1))
+    unstamp(folder, stage)
     start = time.perf_counter()
     compute()
     seconds = time.perf_counter() - start
-    stamps = json.loads(path.read_text()) if path.is_file() else {}
-    stamps[stage] = {"key": key, "seconds": seconds}
-    atomic_write_text(path, json.dumps(stamps, indent=1))
+    stamp(folder, stage, key, seconds)
     return {"status": "computed", "seconds": seconds}
 
 
-def run_dirs(cfg: TrainConfig) -> list[Path]:
-    """The folders ``train(cfg)`` writes its SAEs to, in sweep order."""
+def member_dirs(cfg: TrainConfig) -> list[Path]:
+    """The folders ``train(cfg)`` writes every SAE to (``TrainConfig.members``)."""
     return [Path(cfg.out_dir) / name for name, *_ in cfg.members()]
+
+
+def run_dirs(cfg: TrainConfig) -> list[Path]:
+    """The folders of the sweep's SAEs, in sweep order (the ``baselines`` aside)."""
+    baselines = set(baseline_dirs(cfg).values())
+    return [folder for folder in member_dirs(cfg) if folder not in baselines]
+
+
+def baseline_dirs(cfg: TrainConfig) -> dict[int, Path]:
+    """The folder of each per-layer baseline of ``cfg`` (``TrainConfig.baselines``), by layer."""
+    return {layer: Path(cfg.out_dir) / cfg.baseline_name(*cfg.baseline_size, layer) for layer in cfg.baselines or []}
 
 
 def _comparable(config: dict) -> dict:
@@ -115,7 +149,7 @@ def train_status(cfg: TrainConfig) -> str:
         return "none"
     if _comparable(state["config"]) != _comparable(asdict(cfg)):
         return "stale"
-    if state["step"] >= cfg.steps and all((d / "model.safetensors").is_file() for d in run_dirs(cfg)):
+    if state["step"] >= cfg.steps and all((d / "model.safetensors").is_file() for d in member_dirs(cfg)):
         return "done"
     return "partial"
 
@@ -125,12 +159,13 @@ def _remove_stale(cfg: TrainConfig) -> None:
     out = Path(cfg.out_dir)
     old = TrainConfig(**{k: v for k, v in checkpoint_state(out)["config"].items()
                          if k in TrainConfig.__dataclass_fields__})
-    for path in [out / "checkpoint", out / "checkpoint.old", out / "checkpoint.tmp", *run_dirs(old), *run_dirs(cfg)]:
+    for path in [out / "checkpoint", out / "checkpoint.old", out / "checkpoint.tmp", *member_dirs(old), *member_dirs(cfg)]:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def ensure_trained(cfg: TrainConfig, *, retrain_stale: bool = True) -> tuple[list[Path], dict]:
-    """Folders of the trained SAEs of ``cfg``, training (or resuming) only what is missing.
+    """Folders of the trained sweep of ``cfg`` (``run_dirs``; its baselines are in ``baseline_dirs``),
+    training (or resuming) only what is missing.
 
     Returns ``(folders, info)``; ``info`` says what happened (``status``) and the seconds spent.
     A checkpoint made with other options is replaced when ``retrain_stale`` (the book's runs
@@ -163,18 +198,31 @@ def ensure_evaluated(cfg: EvalConfig) -> tuple[dict, dict]:
 
     Returns ``(results, info)``: the flat dict of CSV columns, and what happened.
     """
-    from mlsae.evaluate import evaluate, write_results
+    return ensure_evaluated_many([cfg])[0]
 
-    path = eval_path(cfg.out_dir, cfg.sae)
 
-    def compute() -> None:
-        start = time.perf_counter()
-        write_results(evaluate(cfg), cfg, sae_name(cfg.sae), extra={"seconds": time.perf_counter() - start})
+def ensure_evaluated_many(cfgs: list[EvalConfig]) -> list[tuple[dict, dict]]:
+    """``ensure_evaluated`` of each of ``cfgs``; those not up to date are computed together
+    (``mlsae.evaluate.evaluate_many``: one transformer pass for the evaluations that share their data),
+    each stamped with its share of the pass's time."""
+    from mlsae.evaluate import evaluate_many, write_results
 
-    info = cached(Path(cfg.out_dir), f"evaluate {sae_name(cfg.sae)}", options=asdict(cfg), code=EVAL_CODE,
-                  inputs=(Path(cfg.sae) / "model.safetensors",), outputs=(path, eval_dists_path(cfg.out_dir, cfg.sae)),
-                  compute=compute)
-    return json.loads(path.read_text())["results"], info
+    def parts(cfg: EvalConfig) -> tuple[Path, str, dict, tuple[Path, ...]]:
+        key = stage_key(asdict(cfg), EVAL_CODE, (Path(cfg.sae) / "model.safetensors",))
+        outputs = (eval_path(cfg.out_dir, cfg.sae), eval_dists_path(cfg.out_dir, cfg.sae))
+        return Path(cfg.out_dir), f"evaluate {sae_name(cfg.sae)}", key, outputs
+
+    infos = [fresh(*parts(cfg)) for cfg in cfgs]
+    infos = [None if saved is None else {"status": "cached", "seconds": saved["seconds"]} for saved in infos]
+    stale = [i for i, info in enumerate(infos) if info is None]
+    for i in stale:
+        unstamp(*parts(cfgs[i])[:2])
+    for i, evaluation in zip(stale, evaluate_many([cfgs[i] for i in stale]) if stale else []):
+        folder, stage, key, _ = parts(cfgs[i])
+        write_results(evaluation, cfgs[i], sae_name(cfgs[i].sae), extra={"seconds": evaluation.seconds})
+        stamp(folder, stage, key, evaluation.seconds)
+        infos[i] = {"status": "computed", "seconds": evaluation.seconds}
+    return [(json.loads(eval_path(cfg.out_dir, cfg.sae).read_text())["results"], info) for cfg, info in zip(cfgs, infos)]
 
 
 def main_run(cfg: TrainConfig, analysis: dict | None = None) -> Path:

@@ -9,7 +9,8 @@ as ``test_{name}.dists.safetensors``). Definitions of every metric: see ``mlsae.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -21,9 +22,9 @@ from tqdm.auto import tqdm
 from mlsae.analysis.dists import Dists, DistsAccumulator
 from mlsae.data import DataOptions, load_chunks
 from mlsae.formats import sae_name
-from mlsae.metrics import DownstreamMetrics, ExcludedShare, ReconstructionMetrics
+from mlsae.metrics import DownstreamMetrics, ExcludedShare, ReconstructionMetrics, clean_log_probs, cross_entropy
 from mlsae.model import MLSAE
-from mlsae.positions import PositionRule, read_residuals
+from mlsae.positions import PositionRule, Residuals
 from mlsae.precision import autocast as precision_autocast
 from mlsae.precision import resolve as resolve_precision
 from mlsae.train import pick_device
@@ -65,53 +66,132 @@ def position_rule(cfg: EvalConfig, sae: MLSAE) -> PositionRule:
 class Evaluation:
     results: dict[str, float]  # the flat CSV columns
     dists: Dists  # where each latent fired, per layer, over the kept positions
+    seconds: float = 0.0  # its share of the wall time of the pass that computed it
+
+
+@dataclass
+class _Member:
+    """One evaluation of a joint pass: its SAE, the rows of the pass's layers it reads, its accumulators."""
+
+    cfg: EvalConfig
+    sae: MLSAE
+    rule: PositionRule
+    layers: list[int]
+    rows: list[int] = field(default_factory=list)
+    downstream_left: int = 0
+
+    def __post_init__(self) -> None:
+        n, latents = len(self.layers), self.sae.config.n_latents
+        self.recon = ReconstructionMetrics(n, latents, self.sae.config.dead_threshold)
+        self.down = DownstreamMetrics(n)
+        self.excluded = ExcludedShare(n)
+        self.dists = DistsAccumulator(n, latents, self.sae.config.dead_threshold)
+        self.downstream_left = self.cfg.downstream_tokens
+
+    def result(self, seconds: float) -> Evaluation:
+        down = self.down.compute() if self.down.tokens else None
+        results = columns(self.layers, {**self.recon.compute(), **self.excluded.compute()}, down)
+        return Evaluation(results, self.dists.result(self.layers, int(self.recon.vectors[0])), seconds)
 
 
 def evaluate(cfg: EvalConfig) -> Evaluation:
     """All metrics of one MLSAE (over the positions its rule keeps)."""
+    return evaluate_many([cfg])[0]
+
+
+def evaluate_many(cfgs: list[EvalConfig]) -> list[Evaluation]:
+    """The evaluations of ``cfgs``, each what ``evaluate`` of it alone gives, from as few passes as
+    possible: those that read the same data with the same transformer share one pass, where the
+    transformer runs once per batch (at the union of their layers) and the zero-ablated forward
+    passes, which do not depend on the SAE, run once per layer and batch."""
+    members = [_member(cfg) for cfg in cfgs]
+    groups: dict[tuple, list[_Member]] = {}
+    for m in members:
+        groups.setdefault(_pass_key(m), []).append(m)
+    seconds = {}
+    for group in groups.values():
+        start = time.perf_counter()
+        _evaluate_pass(group)
+        for m in group:
+            seconds[id(m)] = (time.perf_counter() - start) / len(group)
+    return [m.result(seconds[id(m)]) for m in members]
+
+
+def _member(cfg: EvalConfig) -> _Member:
     device = pick_device(cfg.device)
     sae = MLSAE.from_pretrained(cfg.sae).to(device)
-    rule = position_rule(cfg, sae)
-    transformer = transformer_for(sae, cfg.model_name, device, cfg.sae)
-    layers = cfg.layers or sae.config.layers or list(range(transformer.n_layers))
+    if not (cfg.model_name or sae.config.model_name):
+        raise MLSAEError(f"{cfg.sae} does not name its transformer: pass --model_name")
+    own = sae.config.layers or list(range(sae.config.n_layers))
+    layers = cfg.layers or own
+    if sae.config.tuned_lens and layers != own:
+        raise MLSAEError("--layers: an MLSAE with a tuned lens has translators for its own layers only")
+    return _Member(cfg, sae, position_rule(cfg, sae), layers)
+
+
+def _pass_key(m: _Member) -> tuple:
+    """What evaluations must share to share a pass: the transformer and every data option."""
+    data = {f.name: getattr(m.cfg, f.name) for f in fields(DataOptions)}
+    return (m.cfg.model_name or m.sae.config.model_name, json.dumps(data, sort_keys=True))
+
+
+def _evaluate_pass(group: list[_Member]) -> None:
+    cfg, device = group[0].cfg, pick_device(group[0].cfg.device)
+    transformer = transformer_for(group[0].sae, cfg.model_name, device, cfg.sae)
+    for m in group[1:]:
+        if transformer.d_model != m.sae.config.n_inputs:
+            raise MLSAEError(f"{transformer.name} has d_model {transformer.d_model}, {m.cfg.sae} expects {m.sae.config.n_inputs}")
+    layers = sorted({layer for m in group for layer in m.layers})
     if not all(0 <= layer < transformer.n_layers for layer in layers):
         raise MLSAEError(f"--layers {layers}: the model has layers 0..{transformer.n_layers - 1}")
-    if sae.config.tuned_lens and layers != (sae.config.layers or list(range(transformer.n_layers))):
-        raise MLSAEError("--layers: an MLSAE with a tuned lens has translators for its own layers only")
+    for m in group:
+        m.rows = [layers.index(layer) for layer in m.layers]
     chunks = load_chunks(cfg.path, cfg.split, transformer.tokenizer, cfg.max_length, max_tokens=cfg.max_tokens)
-    recon_metrics = ReconstructionMetrics(len(layers), sae.config.n_latents, sae.config.dead_threshold)
-    down_metrics = DownstreamMetrics(len(layers))
-    excluded = ExcludedShare(len(layers))
-    dists = DistsAccumulator(len(layers), sae.config.n_latents, sae.config.dead_threshold)
-    autocast = precision_autocast(cfg.precision, device)
-    downstream_left = cfg.downstream_tokens
-    with torch.no_grad(), autocast:
-        for ids in tqdm(chunks.split(cfg.batch_size), desc="evaluate", unit="batch"):
+    with torch.no_grad(), precision_autocast(cfg.precision, device):
+        for ids in tqdm(chunks.split(cfg.batch_size), desc=f"evaluate {len(group)} SAE(s)", unit="batch"):
             ids = ids.to(device)
-            r = read_residuals(transformer, ids, layers, rule, logits=downstream_left > 0)
-            excluded.update(r.acts, r.keep)
-            x = r.kept
-            recon, topk = sae(x)
-            recon_metrics.update(x, recon, topk)
-            dists.add(topk.values.cpu(), topk.indices.cpu())
-            if r.logits is not None:
-                downstream(transformer, ids, layers, r.acts, recon, r.keep, r.logits, down_metrics, cfg.zero_ablation)
-                downstream_left -= ids.numel()
-    down = down_metrics.compute() if down_metrics.tokens else None
-    results = columns(layers, {**recon_metrics.compute(), **excluded.compute()}, down)
-    return Evaluation(results, dists.result(layers, int(recon_metrics.vectors[0])))
+            spliced = [m for m in group if m.downstream_left > 0]
+            if spliced:
+                acts, logits = transformer.run_with_residuals(ids, layers)
+            else:
+                acts, logits = transformer.residuals(ids, layers), None
+            special = transformer.special_mask(ids)
+            recons = {}
+            for m in group:
+                r = Residuals(acts[m.rows], m.rule.keep(special, acts[m.rows]), logits)
+                m.excluded.update(r.acts, r.keep)
+                x = r.kept
+                recon, topk = m.sae(x)
+                m.recon.update(x, recon, topk)
+                m.dists.add(topk.values.cpu(), topk.indices.cpu())
+                recons[id(m)] = (r, recon)
+            if spliced:
+                downstream(transformer, ids, layers, logits, spliced, recons)
+                for m in spliced:
+                    m.downstream_left -= ids.numel()
 
 
-def downstream(transformer: Transformer, ids, layers, acts, recon, keep, logits, metrics: DownstreamMetrics,
-               zero_ablation: bool = True) -> None:
-    """Splice each layer's reconstruction (and zeros) into the forward pass and compare the logits."""
-    metrics.update_clean(logits, ids)
-    for i, layer in enumerate(layers):
-        spliced_acts = acts[i].clone()
-        spliced_acts[keep] = recon[i].to(spliced_acts.dtype)
-        spliced = transformer.logits_with_replacement(ids, layer, spliced_acts)
-        zero = transformer.logits_with_replacement(ids, layer, torch.zeros_like(acts[i])) if zero_ablation else None
-        metrics.update_layer(i, logits, spliced, zero, ids)
+def downstream(transformer: Transformer, ids, layers: list[int], logits, members: list[_Member], recons: dict) -> None:
+    """Splice each member's reconstruction of each of its layers into the forward pass and compare the
+    logits; zeros are spliced in once per layer for all the members that ask for CE recovered."""
+    clean = clean_log_probs(logits)
+    for m in members:
+        m.down.update_clean(logits, ids, clean)
+    for row, layer in enumerate(layers):
+        zero_ce = None
+        for m in members:
+            if row not in m.rows:
+                continue
+            i = m.rows.index(row)
+            r, recon = recons[id(m)]
+            spliced_acts = r.acts[i].clone()
+            spliced_acts[r.keep] = recon[i].to(spliced_acts.dtype)
+            m.down.update_layer(i, logits, transformer.logits_with_replacement(ids, layer, spliced_acts), ids)
+            if m.cfg.zero_ablation:
+                if zero_ce is None:
+                    zero = transformer.logits_with_replacement(ids, layer, torch.zeros_like(r.acts[i]))
+                    zero_ce = cross_entropy(zero, ids).double().sum().cpu()
+                m.down.update_zero(i, zero_ce)
 
 
 # Reference column prefixes for each metric; the rest are this project's additions.

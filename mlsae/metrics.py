@@ -85,7 +85,7 @@ class DownstreamMetrics:
 
     The clean log-probabilities are computed once per batch and each spliced one once per layer
     (CE and KL share it): log-softmax over the vocabulary costs as much as a forward pass here.
-    Without zero-ablated logits (``update_layer(..., zero=None)``) there is no CE recovered.
+    Without ``update_zero`` there is no CE recovered.
     """
 
     def __init__(self, n_layers: int):
@@ -99,26 +99,29 @@ class DownstreamMetrics:
         self._clean: tuple[Tensor, Tensor] | None = None  # this batch's clean log-probs and their probs
 
     @torch.no_grad()
-    def update_clean(self, logits: Tensor, ids: Tensor) -> None:
-        log_p = logits.float().log_softmax(-1)
-        self._clean = log_p, log_p.exp()
+    def update_clean(self, logits: Tensor, ids: Tensor, clean: tuple[Tensor, Tensor] | None = None) -> None:
+        """A batch's clean logits (``clean``: their ``clean_log_probs``, if already computed)."""
+        self._clean = clean or clean_log_probs(logits)
+        log_p = self._clean[0]
         self.ce_clean += _nll(log_p, ids).double().sum().cpu()
         self.tokens += ids[:, 1:].numel()
         self.positions += ids.numel()
         self.logit_elements += logits.numel()
 
     @torch.no_grad()
-    def update_layer(self, i: int, clean: Tensor, spliced: Tensor, zero: Tensor | None, ids: Tensor) -> None:
-        """Layer ``i``'s spliced (and zero-ablated) logits, after ``update_clean`` of the same batch's."""
+    def update_layer(self, i: int, clean: Tensor, spliced: Tensor, ids: Tensor) -> None:
+        """Layer ``i``'s spliced logits, after ``update_clean`` of the same batch's."""
         log_p, p = self._clean
         log_q = spliced.float().log_softmax(-1)
         self.ce_spliced[i] += _nll(log_q, ids).double().sum().cpu()
         self.kl[i] += (p * (log_p - log_q)).sum(-1).double().sum().cpu()
         diff = (spliced.float() - clean.float()).flatten()
         self.logit_sse[i] += diff.dot(diff).double().cpu()  # fp32 dot: a float64 copy costs 3x the rest
-        if zero is not None:
-            self.ce_zero[i] += cross_entropy(zero, ids).double().sum().cpu()
-            self.zero_layers += 1
+
+    def update_zero(self, i: int, ce_sum: Tensor) -> None:
+        """Layer ``i``'s summed cross-entropy with zeros spliced in, for the same batch."""
+        self.ce_zero[i] += ce_sum
+        self.zero_layers += 1
 
     def compute(self) -> dict[str, Tensor]:
         clean = self.ce_clean / self.tokens
@@ -134,6 +137,12 @@ class DownstreamMetrics:
             zero = self.ce_zero / self.tokens
             out.update(ce_zero=zero, ce_recovered=(zero - spliced) / (zero - clean))
         return out
+
+
+def clean_log_probs(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-probabilities and probabilities of ``logits [B, P, V]`` in float32 (computed once per batch)."""
+    log_p = logits.float().log_softmax(-1)
+    return log_p, log_p.exp()
 
 
 def _nll(log_probs: Tensor, ids: Tensor) -> Tensor:

@@ -80,7 +80,14 @@ class TrainConfig(SAEOptions, DataOptions):
     translated into the final layer's basis (the paper's -lens MLSAEs); the lens is saved with each MLSAE."""
     per_layer: bool = False
     """Train one single-layer SAE per layer of --layers (of every size of the sweep) from the same
-    transformer pass, instead of one MLSAE over them: the paper's per-layer baselines."""
+    transformer pass, instead of one MLSAE over them."""
+    baselines: list[int] | None = flag(default=None, nargs="*")
+    """Also train a single-layer SAE at each of these layers in the same transformer pass as the MLSAEs:
+    the paper's per-layer baselines, on the same tokens, at the cost of their SAE steps only."""
+    baseline_expansion_factor: int | None = None
+    """Expansion factor of the --baselines (default: the sweep's largest)."""
+    baseline_k: int | None = None
+    """k of the --baselines (default: the sweep's largest)."""
     seed: int = 42
     """Seed of the initialisation and the data order."""
     out_dir: str = "runs/default"
@@ -114,10 +121,15 @@ class TrainConfig(SAEOptions, DataOptions):
             raise MLSAEError(f"--warmup_steps must be 0 or more, got {self.warmup_steps}")
         if self.per_layer and not self.layers:
             raise MLSAEError("--per_layer needs --layers: the layers to train a single-layer SAE at")
-        if self.per_layer and self.max_norm_ratio is not None:
+        if self.baselines and self.per_layer:
+            raise MLSAEError("--baselines adds per-layer SAEs to an MLSAE sweep; --per_layer trains per-layer SAEs only")
+        if self.baselines and self.layers and not set(self.baselines) <= set(self.layers):
+            raise MLSAEError(f"--baselines {self.baselines} must be among the layers read (--layers {self.layers})")
+        if (self.per_layer or self.baselines) and self.max_norm_ratio is not None:
             # the norm rule looks at every layer read: in one pass, a layer's SAE would lose positions
             # that are outliers at another layer
-            raise MLSAEError("--per_layer cannot use --max_norm_ratio; train each layer on its own (--layers L)")
+            flag_name = "--per_layer" if self.per_layer else "--baselines"
+            raise MLSAEError(f"{flag_name} cannot use --max_norm_ratio; train each layer on its own (--layers L)")
 
     @property
     def steps(self) -> int:
@@ -138,11 +150,22 @@ class TrainConfig(SAEOptions, DataOptions):
         return list(itertools.product(self.expansion_factor, self.k))
 
     def members(self) -> list[tuple[str, int, int, list[int] | None]]:
-        """(name, expansion factor, k, layers) of every SAE trained, in order: the sweep, with
-        ``per_layer`` one SAE per layer for each of its sizes (layers None: every layer)."""
-        groups = [[layer] for layer in self.layers] if self.per_layer else [self.layers]
-        return [(mlsae_name(self.model_name, ef, k) + (f"-layer-{group[0]}" if self.per_layer else ""), ef, k, group)
-                for ef, k in self.sweep() for group in groups]
+        """(name, expansion factor, k, layers) of every SAE trained, in order: the sweep (layers None:
+        every layer read), with ``per_layer`` one SAE per layer for each of its sizes; then the
+        ``baselines``, one per layer."""
+        if self.per_layer:
+            return [(self.baseline_name(ef, k, layer), ef, k, [layer]) for ef, k in self.sweep() for layer in self.layers]
+        ef, k = self.baseline_size
+        return ([(mlsae_name(self.model_name, ef_, k_), ef_, k_, None) for ef_, k_ in self.sweep()]
+                + [(self.baseline_name(ef, k, layer), ef, k, [layer]) for layer in self.baselines or []])
+
+    @property
+    def baseline_size(self) -> tuple[int, int]:
+        """(expansion factor, k) of the ``baselines``."""
+        return self.baseline_expansion_factor or max(self.expansion_factor), self.baseline_k or max(self.k)
+
+    def baseline_name(self, ef: int, k: int, layer: int) -> str:
+        return f"{mlsae_name(self.model_name, ef, k)}-layer-{layer}"
 
 
 # Options that may differ between a run and its resumption.
@@ -218,6 +241,7 @@ def make_sweep(cfg: TrainConfig, d_model: int, layers: list[int], device: torch.
             raise MLSAEError(f"--tuned_lens {cfg.tuned_lens} was fitted to {lens.model_name}, not {cfg.model_name}")
     runs = []
     for name, ef, k, group in cfg.members():
+        rows = slice(None) if group is None else slice(layers.index(group[0]), layers.index(group[0]) + 1)
         group = group or layers
         torch.manual_seed(cfg.seed)  # every run of a sweep starts as its solo run would
         sae_cfg = SAEConfig(n_inputs=d_model, n_latents=d_model * ef, k=k, n_layers=len(group), layers=group,
@@ -227,16 +251,16 @@ def make_sweep(cfg: TrainConfig, d_model: int, layers: list[int], device: torch.
             sae.set_lens(lens)
         # fused: one pass over each parameter instead of ~10 (5x faster on a CPU; one kernel on a GPU)
         optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10, fused=True)
-        rows = slice(layers.index(group[0]), layers.index(group[0]) + 1) if cfg.per_layer else slice(None)
         runs.append(SweepSAE(name, sae, optimizer, out / name, rows))
     return runs
 
 
 def resolve_layers(cfg: TrainConfig, n_layers: int) -> list[int]:
     layers = list(range(n_layers)) if not cfg.layers else list(cfg.layers)
-    bad = [i for i in layers if not 0 <= i < n_layers]
-    if bad:
-        raise MLSAEError(f"--layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+    for name, values in (("--layers", layers), ("--baselines", cfg.baselines or [])):
+        bad = [i for i in values if not 0 <= i < n_layers]
+        if bad:
+            raise MLSAEError(f"{name} {bad} out of range: the model has layers 0..{n_layers - 1}")
     if len(set(layers)) != len(layers):
         raise MLSAEError(f"--layers has duplicates: {layers}")
     return layers
@@ -421,7 +445,7 @@ def train(cfg: TrainConfig) -> list[Path]:
     model, tokenizer = load_transformer(cfg.model_name, device=device)
     transformer = Transformer(model, tokenizer)
     layers = resolve_layers(cfg, transformer.n_layers)
-    for ef, k in cfg.sweep():
+    for _, ef, k, _ in cfg.members():
         if k > transformer.d_model * ef:
             raise MLSAEError(f"k={k} is larger than the number of latents ({transformer.d_model} x {ef})")
     chunks = load_chunks(cfg.path, cfg.split, tokenizer, cfg.max_length, max_tokens=cfg.max_tokens)

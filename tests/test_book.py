@@ -20,7 +20,7 @@ pytest.importorskip("jupyter_book")
 import nbformat  # noqa: E402
 import yaml  # noqa: E402
 
-from book import Results, load_profile, number_tokens, repo_root, train_status  # noqa: E402
+from book import Results, baseline_dirs, load_profile, number_tokens, repo_root, run_dirs, train_status  # noqa: E402
 from book.build import NOTEBOOKS, build, check_numbers, execute, fetch, page_text, verify_sources  # noqa: E402
 from book.results import fmt_number  # noqa: E402
 from mlsae.train import parse_args  # noqa: E402
@@ -83,7 +83,9 @@ def test_training_ran_once_and_is_reused(smoke_book):
     prof = load_profile("smoke")
     cfg = prof.train_config(runs_dir=smoke_book["runs"])
     assert train_status(cfg) == "done"
-    assert train_status(prof.baseline_config(runs_dir=smoke_book["runs"])) == "done"
+    # the baselines came from the sweep's own pass: no other training folder
+    assert sorted(p.name for p in Path(smoke_book["runs"]).iterdir()) == ["sweep"]
+    assert all((folder / "model.safetensors").is_file() for folder in baseline_dirs(cfg).values())
 
 
 def test_every_cached_stage_is_stamped_with_its_code(smoke_book):
@@ -233,9 +235,9 @@ def test_profiles_are_train_configs(name):
     cfg = prof.train_config()
     assert parse_args(["--config_path", str(prof.path)]) == cfg  # the profile doubles as mlsae.train's config
     assert cfg.out_dir == f"runs/{name}/sweep"
-    baselines = prof.baseline_config()
-    assert baselines.per_layer and len(baselines.layers) >= 2
-    assert [group for *_, group in baselines.members()] == [[layer] for layer in baselines.layers]
+    assert len(cfg.baselines) >= 2
+    assert [group for *_, group in cfg.members()] == [None] * len(cfg.sweep()) + [[layer] for layer in cfg.baselines]
+    assert set(baseline_dirs(cfg)) == set(cfg.baselines) and len(run_dirs(cfg)) == len(cfg.sweep())
     prof.eval_config("some/folder", "out")
     assert {"expansion_factor", "k", "max_tokens", "prompts"} <= set(prof.analysis())
 
@@ -279,6 +281,5 @@ def test_experiments_never_replace_the_profiles_runs():
     other = prof.train_config(expansion_factor=[16])
     assert other.out_dir.startswith("runs/default/sweep-") and other.expansion_factor == [16]
     assert prof.train_config(runs_dir="/tmp/x").out_dir == "/tmp/x/sweep"
-    assert prof.baseline_config().out_dir == "runs/default/baselines"
-    moved = prof.baseline_config(layers=[3], max_tokens=4096)
-    assert moved.out_dir.startswith("runs/default/baselines-") and moved.layers == [3] and moved.max_tokens == 4096
+    moved = prof.train_config(baselines=[3], max_tokens=4096)
+    assert moved.out_dir.startswith("runs/default/sweep-") and moved.baselines == [3] and moved.max_tokens == 4096

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from mlsae.data import load_chunks
 from mlsae.model import MLSAE, SAEConfig
-from mlsae.evaluate import EvalConfig, evaluate
+from mlsae.evaluate import EvalConfig, evaluate, evaluate_many
 from mlsae.tiny import make_tiny
 from mlsae.utils import MLSAEError
 from mlsae.transformer import load_transformer
@@ -158,6 +158,28 @@ def test_position_rule_in_metrics(tiny):
     everything = evaluate(replace(cfg, skip_special_tokens=False, skip_first=0)).results
     assert everything["excluded/tokens"] == 0 and everything["excluded/variance/avg"] == 0
     assert everything["train/fvu/avg"] != pytest.approx(results["train/fvu/avg"])
+
+
+def test_evaluations_sharing_a_pass_equal_each_alone(tiny):
+    """evaluate_many: SAEs of other layers, rules, spliced-token budgets and zero ablation in one
+    pass (one transformer forward per batch, zeros spliced once per layer) give what each gives alone."""
+    torch.manual_seed(1)
+    single = MLSAE(SAEConfig(n_inputs=64, n_latents=128, k=4, n_layers=1, layers=[2], model_name=str(tiny / "tiny")))
+    single.save_pretrained(tiny / "single")
+    base = EvalConfig(sae=str(tiny / "sae"), path=str(tiny / "test.jsonl"), split="test", max_length=32, batch_size=4,
+                      max_tokens=512, downstream_tokens=256, precision="fp32", device="cpu")
+    cfgs = [base, replace(base, skip_first=0, downstream_tokens=128, zero_ablation=False),
+            replace(base, sae=str(tiny / "single")), replace(base, sae=str(tiny / "single"), layers=[0, 2]),
+            replace(base, max_tokens=256)]  # other data: a pass of its own
+    together = evaluate_many(cfgs)
+    for cfg, joint in zip(cfgs, together):
+        alone = evaluate(cfg).results
+        assert joint.results.keys() == alone.keys()
+        for key, value in alone.items():
+            assert joint.results[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert "val/loss/recovered/avg" not in together[1].results and "val/loss/recovered/avg" in together[0].results
+    # zeros spliced in do not depend on the SAE: two SAEs read at layer 0 share the zero-ablated CE
+    assert together[0].results["val/loss/zero/layer_0"] == together[3].results["val/loss/zero/layer_0"]
 
 
 def test_bos_model_chunks_and_metrics(tmp_path):

@@ -73,7 +73,8 @@ def test_downstream_metrics():
     clean = torch.randn(2, 6, 11)
     m = DownstreamMetrics(1)
     m.update_clean(clean, ids)
-    m.update_layer(0, clean, clean, torch.zeros_like(clean), ids)
+    m.update_layer(0, clean, clean, ids)
+    m.update_zero(0, cross_entropy(torch.zeros_like(clean), ids).double().sum())
     out = m.compute()
     assert out["delta_ce"].abs().max() < 1e-6 and out["kl"].abs().max() < 1e-6
     assert torch.allclose(out["ce_zero"], torch.tensor(11.0).log().double())
@@ -85,7 +86,7 @@ def test_downstream_metrics():
     other = torch.randn(2, 6, 11)
     for part in (slice(0, 1), slice(1, 2)):
         m.update_clean(clean[part], ids[part])
-        m.update_layer(1, clean[part], other[part], None, ids[part])
+        m.update_layer(1, clean[part], other[part], ids[part])
     out = m.compute()
     p, q = clean.log_softmax(-1), other.log_softmax(-1)
     ce = torch.nn.functional.cross_entropy(other[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))

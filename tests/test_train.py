@@ -159,6 +159,23 @@ def test_per_layer_saes_from_one_pass_equal_each_trained_alone(setup):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+def test_baselines_train_in_the_sweeps_pass_as_they_would_alone(setup):
+    """--baselines: per-layer SAEs of the sweep's largest size beside the sweep's MLSAEs, from the same
+    transformer pass; each is the SAE its layer gets trained alone, and the MLSAEs are unchanged."""
+    out = setup["tmp"] / "with-baselines"
+    result = run(args(setup, out, "--baselines", "0", "2", "--max_tokens", "640"))
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in out.iterdir() if p.name.startswith("mlsae-"))
+    assert names == ["mlsae-tiny-llama-x2-k4", "mlsae-tiny-llama-x2-k4-layer-0", "mlsae-tiny-llama-x2-k4-layer-2"]
+    assert json.loads((out / names[2] / "config.json").read_text())["layers"] == [2]
+    for folder, alone_args in ((names[2], ("--layers", "2")), (names[0], ())):
+        alone = setup["tmp"] / f"alone-{folder}"
+        assert run(args(setup, alone, *alone_args, "--max_tokens", "640")).returncode == 0
+        a, b = weights(out / folder), weights(only_run(alone))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["-k", "1000"], "larger than the number of latents"),
     (["--layers", "7"], "out of range"),
@@ -168,6 +185,8 @@ def test_per_layer_saes_from_one_pass_equal_each_trained_alone(setup):
     (["--precision", "fp8"], "invalid choice"),
     (["--per_layer"], "--per_layer needs --layers"),
     (["--per_layer", "--layers", "1", "--max_norm_ratio", "8"], "cannot use --max_norm_ratio"),
+    (["--baselines", "9"], "--baselines [9] out of range"),
+    (["--baselines", "2", "--layers", "0", "1"], "must be among the layers read"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
 ])
 def test_bad_input_is_one_clear_line(setup, extra, message):
