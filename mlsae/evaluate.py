@@ -120,8 +120,6 @@ def evaluate_many(cfgs: list[EvalConfig]) -> list[Evaluation]:
 def _member(cfg: EvalConfig) -> _Member:
     device = pick_device(cfg.device)
     sae = MLSAE.from_pretrained(cfg.sae).to(device)
-    if not (cfg.model_name or sae.config.model_name):
-        raise MLSAEError(f"{cfg.sae} does not name its transformer: pass --model_name")
     own = sae.config.layers or list(range(sae.config.n_layers))
     layers = cfg.layers or own
     if sae.config.tuned_lens and layers != own:
