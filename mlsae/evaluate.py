@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from mlsae.analysis.dists import Dists, DistsAccumulator
 from mlsae.data import DataOptions, load_chunks
 from mlsae.formats import sae_name
-from mlsae.metrics import DownstreamMetrics, ExcludedShare, ReconstructionMetrics, clean_log_probs, cross_entropy
+from mlsae.metrics import CleanLogits, DownstreamMetrics, ExcludedShare, ReconstructionMetrics, cross_entropy
 from mlsae.model import MLSAE
 from mlsae.positions import PositionRule, Residuals
 from mlsae.precision import autocast as precision_autocast
@@ -172,7 +172,7 @@ def _evaluate_pass(group: list[_Member]) -> None:
 def downstream(transformer: Transformer, ids, layers: list[int], logits, members: list[_Member], recons: dict) -> None:
     """Splice each member's reconstruction of each of its layers into the forward pass and compare the
     logits; zeros are spliced in once per layer for all the members that ask for CE recovered."""
-    clean = clean_log_probs(logits)
+    clean = CleanLogits.of(logits)
     for m in members:
         m.down.update_clean(logits, ids, clean)
     for row, layer in enumerate(layers):
@@ -184,7 +184,7 @@ def downstream(transformer: Transformer, ids, layers: list[int], logits, members
             r, recon = recons[id(m)]
             spliced_acts = r.acts[i].clone()
             spliced_acts[r.keep] = recon[i].to(spliced_acts.dtype)
-            m.down.update_layer(i, logits, transformer.logits_with_replacement(ids, layer, spliced_acts), ids)
+            m.down.update_layer(i, transformer.logits_with_replacement(ids, layer, spliced_acts), ids)
             if m.cfg.zero_ablation:
                 if zero_ce is None:
                     zero = transformer.logits_with_replacement(ids, layer, torch.zeros_like(r.acts[i]))

@@ -69,11 +69,11 @@ def test_reconstruction_metrics_accumulate_exactly():
 
 def test_downstream_metrics():
     torch.manual_seed(0)
-    ids = torch.randint(0, 11, (2, 6))
-    clean = torch.randn(2, 6, 11)
+    ids = torch.randint(0, 11, (2, 20))  # 40 positions: the metrics' chunks of 16 positions, and a partial one
+    clean = torch.randn(2, 20, 11)
     m = DownstreamMetrics(1)
     m.update_clean(clean, ids)
-    m.update_layer(0, clean, clean, ids)
+    m.update_layer(0, clean, ids)
     m.update_zero(0, cross_entropy(torch.zeros_like(clean), ids).double().sum())
     out = m.compute()
     assert out["delta_ce"].abs().max() < 1e-6 and out["kl"].abs().max() < 1e-6
@@ -83,10 +83,10 @@ def test_downstream_metrics():
         clean[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1)))
     # a spliced distribution that differs, over two batches, and no zero ablation: no CE recovered
     m = DownstreamMetrics(2)
-    other = torch.randn(2, 6, 11)
+    other = torch.randn(2, 20, 11)
     for part in (slice(0, 1), slice(1, 2)):
         m.update_clean(clean[part], ids[part])
-        m.update_layer(1, clean[part], other[part], ids[part])
+        m.update_layer(1, other[part], ids[part])
     out = m.compute()
     p, q = clean.log_softmax(-1), other.log_softmax(-1)
     ce = torch.nn.functional.cross_entropy(other[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
