@@ -15,7 +15,7 @@ NB_OUT  := $(OUT)/notebooks
 BOOK    := $(OUT)/book/_build/html/index.html
 # The book's notebooks, in book order (book/build.py NOTEBOOKS).
 NOTEBOOKS := train evaluation residual_geometry layer_distributions examples prompt_heatmaps \
-             decoder_geometry baselines performance
+             decoder_geometry baselines tuned_lens performance
 EXECUTED  := $(NOTEBOOKS:%=$(NB_OUT)/%.ipynb)
 # What the notebooks' results depend on: the library (the ipywidgets app aside), the book's
 # Python package (book/*.py) and the profile.
@@ -69,10 +69,11 @@ $(NB_OUT)/%.ipynb: notebooks/%.ipynb $(PROFILE_FILE) $(PKG_SRC) $(OUT)/.fetched
 
 # What each notebook reads from the notebooks before it.
 $(NB_OUT)/evaluation.ipynb $(NB_OUT)/layer_distributions.ipynb $(NB_OUT)/prompt_heatmaps.ipynb \
-	$(NB_OUT)/decoder_geometry.ipynb: $(NB_OUT)/train.ipynb
+	$(NB_OUT)/decoder_geometry.ipynb $(NB_OUT)/residual_geometry.ipynb: $(NB_OUT)/train.ipynb
 $(NB_OUT)/layer_distributions.ipynb: $(NB_OUT)/residual_geometry.ipynb $(NB_OUT)/evaluation.ipynb
 $(NB_OUT)/examples.ipynb $(NB_OUT)/decoder_geometry.ipynb $(NB_OUT)/prompt_heatmaps.ipynb: $(NB_OUT)/layer_distributions.ipynb
 $(NB_OUT)/baselines.ipynb: $(NB_OUT)/evaluation.ipynb
+$(NB_OUT)/tuned_lens.ipynb: $(NB_OUT)/layer_distributions.ipynb
 $(NB_OUT)/performance.ipynb: $(NB_OUT)/evaluation.ipynb $(NB_OUT)/layer_distributions.ipynb $(wildcard out/bench.json)
 
 train: $(NB_OUT)/train.ipynb

@@ -37,6 +37,7 @@ NOTEBOOKS = (
     "prompt_heatmaps",
     "decoder_geometry",
     "baselines",
+    "tuned_lens",
     "performance",
 )
 TITLES = {
@@ -48,6 +49,7 @@ TITLES = {
     "prompt_heatmaps": "Prompt heatmaps",
     "decoder_geometry": "Decoder geometry",
     "baselines": "MLSAE versus per-layer SAEs",
+    "tuned_lens": "The tuned lens",
     "performance": "Performance",
 }
 

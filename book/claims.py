@@ -53,3 +53,38 @@ def spread_vs_similarity(latents, resid, layers):
         a, b = ok.iloc[:, 0].rank(), ok.iloc[:, 2].rank()
         rho = float(a.corr(b))
     return table, rho
+
+
+# Findings compared between an MLSAE and its tuned-lens copy (the paper's claim 4): name -> (statistic,
+# the test a value passes, in words).
+LENS_FINDINGS = {
+    "latents are specific to a few layers": (
+        "layer std / layers", lambda v, uniform: v < uniform / 2,
+        "mean layer std relative to depth below half that of a latent spread evenly over every layer"),
+    "aggregated over tokens, layer distributions are wider than per token": (
+        "aggregated / per-token variance", lambda v, uniform: v > 1,
+        "aggregated / per-token variance of layer distributions above 1"),
+}
+# How far apart the two MLSAEs' mean relative layer std may be and still count as similar.
+LENS_STD_FACTOR = 2.0
+
+
+def lens_comparison(stats: dict[str, dict[str, float]], uniform_std_rel: float):
+    """Whether the MLSAE's findings hold alike for its tuned-lens copy.
+
+    ``stats``: per MLSAE (e.g. ``{"plain": ..., "tuned lens": ...}``, the plain one first) the statistics
+    named in ``LENS_FINDINGS``; ``uniform_std_rel``: the layer std relative to depth of a latent spread
+    evenly over every layer. Qualitatively similar means: every finding holds for both or for neither,
+    and their mean relative layer std are within ``LENS_STD_FACTOR`` of each other.
+
+    Returns a table (finding x MLSAE: holds or not) and whether they are similar.
+    """
+    import pandas as pd
+
+    table = pd.DataFrame({name: {finding: bool(test(values[stat], uniform_std_rel))
+                                 for finding, (stat, test, _) in LENS_FINDINGS.items()}
+                          for name, values in stats.items()})
+    agree = bool((table.nunique(axis=1) == 1).all())
+    stds = [values["layer std / layers"] for values in stats.values()]
+    close = max(stds) <= LENS_STD_FACTOR * min(stds) if min(stds) > 0 else False
+    return table, agree and close

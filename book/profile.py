@@ -8,6 +8,8 @@ notebook of the book agree on them:
 - ``transfer``: ``mlsae.evaluate`` options that differ from ``evaluate`` for evaluating each
   per-layer SAE at every layer (the baselines chapter's transfer matrix);
 - ``evaluate``: options of ``mlsae.evaluate`` for every trained SAE;
+- ``lens``: options of ``mlsae.lens`` for the tuned lens that ``train.lens_copy`` trains a copy of
+  the main MLSAE on (fitted once per options, into ``<sweep folder>/lens-<digest>``);
 - ``analysis``: which MLSAE of the sweep the analyses look at, token budgets and prompts;
 - ``fetch``: what ``make fetch`` prepares (``embedded``, ``tiny`` or ``hub``).
 
@@ -27,6 +29,7 @@ from mlsae.train import TrainConfig
 from mlsae.utils import MLSAEError
 
 from mlsae.evaluate import EvalConfig
+from mlsae.lens import LensConfig
 
 
 def repo_root() -> Path:
@@ -120,7 +123,25 @@ class Profile:
             values["out_dir"] = str(Path(runs_dir) / sweep)
         elif changed or "out_dir" not in values:
             values["out_dir"] = str(Path(values.get("out_dir", self.runs_dir() / "sweep")).with_name(sweep))
+        if values.get("lens_copy") and "tuned_lens" not in changed:
+            lens = self.lens_values(values["model_name"]) if "model_name" in values else None
+            if lens is None:
+                raise MLSAEError(f"{self.path}: train.lens_copy needs a lens: section (the mlsae.lens options)")
+            values["tuned_lens"] = str(Path(values["out_dir"]) / f"lens-{_digest(lens)}")
         return TrainConfig(**_only_known(TrainConfig, values, f"{self.path} train"))
+
+    def lens_values(self, model_name: str) -> dict | None:
+        """The ``lens`` section's ``mlsae.lens`` options for ``model_name`` (None without a section)."""
+        if "lens" not in self.data:
+            return None
+        return _only_known(LensConfig, {**self.section("lens"), "model_name": model_name}, f"{self.path} lens")
+
+    def lens_config(self, cfg: TrainConfig) -> LensConfig:
+        """The ``mlsae.lens`` options of the tuned lens that ``cfg`` trains with (``cfg.tuned_lens``)."""
+        values = self.lens_values(cfg.model_name)
+        if values is None or not cfg.tuned_lens:
+            raise MLSAEError(f"{self.path}: this sweep trains with no tuned lens (train.lens_copy and a lens: section)")
+        return LensConfig(**values, out_dir=cfg.tuned_lens)
 
     def eval_config(self, sae: str | Path, out_dir: str | Path, **overrides: Any) -> EvalConfig:
         """``mlsae.evaluate`` options for one trained SAE; results go to ``out_dir``."""

@@ -29,7 +29,7 @@ from mlsae.formats import sae_name
 from mlsae.train import RESUMABLE, TrainConfig, train
 from mlsae.utils import MLSAEError, atomic_write_text
 
-from book.profile import EvalConfig
+from book.profile import EvalConfig, LensConfig
 
 
 # The modules whose code decides each cached stage's results: a change to any of them recomputes
@@ -38,7 +38,7 @@ EVAL_CODE = ("mlsae.evaluate", "mlsae.metrics", "mlsae.analysis.dists", "mlsae.p
 PASS_CODE = ("mlsae.analysis.run", "mlsae.analysis.stream", "mlsae.positions", "mlsae.analysis.dists", "mlsae.analysis.variances",
              "mlsae.analysis.examples", "mlsae.analysis.cards", "mlsae.analysis.common", "mlsae.model", "mlsae.formats",
              "mlsae.kernels", "mlsae.transformer", "mlsae.data")
-RESID_CODE = ("mlsae.analysis.resid", "mlsae.analysis.common", "mlsae.positions", "mlsae.metrics", "mlsae.transformer", "mlsae.data")
+RESID_CODE = ("mlsae.analysis.resid", "mlsae.lens", "mlsae.analysis.common", "mlsae.positions", "mlsae.metrics", "mlsae.transformer", "mlsae.data")
 DECODER_CODE = ("mlsae.analysis.decoder", "mlsae.analysis.dists", "mlsae.model", "mlsae.formats", "mlsae.transformer")
 
 
@@ -123,9 +123,9 @@ def member_dirs(cfg: TrainConfig) -> list[Path]:
 
 
 def run_dirs(cfg: TrainConfig) -> list[Path]:
-    """The folders of the sweep's SAEs, in sweep order (the ``baselines`` aside)."""
-    baselines = set(baseline_dirs(cfg).values())
-    return [folder for folder in member_dirs(cfg) if folder not in baselines]
+    """The folders of the sweep's SAEs, in sweep order (the ``baselines`` and the lens copy aside)."""
+    aside = {*baseline_dirs(cfg).values(), lens_dir(cfg)}
+    return [folder for folder in member_dirs(cfg) if folder not in aside]
 
 
 def baseline_dirs(cfg: TrainConfig) -> dict[int, Path]:
@@ -171,6 +171,9 @@ def ensure_trained(cfg: TrainConfig, *, retrain_stale: bool = True) -> tuple[lis
     A checkpoint made with other options is replaced when ``retrain_stale`` (the book's runs
     folders belong to their profile), else it is an error.
     """
+    if cfg.tuned_lens and not Path(cfg.tuned_lens).exists():
+        raise MLSAEError(f"{cfg.out_dir} trains on the tuned lens {cfg.tuned_lens}, which is not fitted yet: "
+                         "run the train chapter first (book.ensure_lens)")
     status = train_status(cfg)
     start = time.perf_counter()
     if status == "stale":
@@ -182,6 +185,26 @@ def ensure_trained(cfg: TrainConfig, *, retrain_stale: bool = True) -> tuple[lis
             native.tune_malloc()  # as the training command line does (the book runs in its own process)
         train(replace(cfg, resume=status == "partial"))
     return run_dirs(cfg), {"status": status, "seconds": time.perf_counter() - start}
+
+
+def ensure_lens(cfg: LensConfig) -> dict:
+    """The tuned lens of ``cfg`` (``mlsae.lens``), fitted unless its folder already holds it; returns
+    its ``lens.json`` report. Like training, a lens is made once per options (the profile names its
+    folder after them), so that the MLSAE trained on it and the lens stay a pair."""
+    from mlsae.lens import FILE, run
+
+    out = Path(cfg.out_dir)
+    if not ((out / FILE).is_file() and (out / "lens.json").is_file()):
+        start = time.perf_counter()
+        report = run(cfg)
+        report["seconds"] = time.perf_counter() - start
+        atomic_write_text(out / "lens.json", json.dumps(report, indent=2))
+    return json.loads((out / "lens.json").read_text())
+
+
+def lens_dir(cfg: TrainConfig) -> Path | None:
+    """The folder of the sweep's tuned-lens MLSAE (``TrainConfig.lens_copy``), if it trains one."""
+    return next((Path(cfg.out_dir) / m.name for m in cfg.members() if m.lens and cfg.lens_copy), None)
 
 
 def eval_path(out_dir: str | Path, run_dir: str | Path) -> Path:
@@ -280,9 +303,11 @@ def ensure_analysis_pass(sae_folder: str | Path, out_dir: str | Path, analysis: 
     return json.loads((out / "run.json").read_text()), info
 
 
-def ensure_resid(model_name: str, out_dir: str | Path, analysis: dict) -> tuple[pd.DataFrame, dict, dict]:
+def ensure_resid(model_name: str, out_dir: str | Path, analysis: dict,
+                 lens: str | Path | None = None) -> tuple[pd.DataFrame, dict, dict]:
     """Residual-stream geometry of ``model_name`` (``mlsae.analysis.resid``) over the profile's
-    ``resid_tokens`` held-out tokens, unless made with the same options and code.
+    ``resid_tokens`` held-out tokens (with ``lens``, a tuned lens's folder: the translated residuals'
+    cosines too), unless made with the same options, code and lens.
 
     Returns ``(per-layer table, resid.json, info)``; files in ``<out>/analysis/resid-<model>``.
     """
@@ -290,9 +315,10 @@ def ensure_resid(model_name: str, out_dir: str | Path, analysis: dict) -> tuple[
 
     data = data_options({**analysis, "max_tokens": analysis.get("resid_tokens", analysis.get("max_tokens"))})
     out = Path(out_dir) / "analysis" / f"resid-{sae_name(model_name)}"
-    opts = resid.ResidOptions(model_name=model_name, data=data, out_dir=str(out))
-    info = cached(out, "resid", options=asdict(opts), code=RESID_CODE, outputs=(out / "resid.json", out / "resid.csv"),
-                  compute=lambda: resid.run(opts))
+    opts = resid.ResidOptions(model_name=model_name, data=data, out_dir=str(out), tuned_lens=str(lens) if lens else None)
+    inputs = (Path(lens) / "lens.safetensors",) if lens else ()
+    info = cached(out, "resid", options=asdict(opts), code=RESID_CODE, inputs=inputs,
+                  outputs=(out / "resid.json", out / "resid.csv"), compute=lambda: resid.run(opts))
     return pd.read_csv(out / "resid.csv"), json.loads((out / "resid.json").read_text()), info
 
 

@@ -117,8 +117,9 @@ def sae_name(name: str) -> str:
     return Path(str(name).rstrip("/")).name.split(":")[-1]
 
 
-def mlsae_name(model_name: str, expansion_factor: int, k: int, *, tfm: bool = False, owner: str | None = None) -> str:
-    """Hub repo id in the reference's naming: ``[owner/]mlsae-{model}-x{ef}-k{k}[-tfm]`` (``sae_name``
+def mlsae_name(model_name: str, expansion_factor: int, k: int, *, lens: bool = False, tfm: bool = False,
+               owner: str | None = None) -> str:
+    """Hub repo id in the reference's naming: ``[owner/]mlsae-{model}-x{ef}-k{k}[-lens][-tfm]`` (``sae_name``
     of the model's name)."""
-    name = f"mlsae-{sae_name(model_name)}-x{expansion_factor}-k{k}" + ("-tfm" if tfm else "")
+    name = f"mlsae-{sae_name(model_name)}-x{expansion_factor}-k{k}" + ("-lens" if lens else "") + ("-tfm" if tfm else "")
     return f"{owner}/{name}" if owner else name

@@ -19,8 +19,8 @@ LM head at every layer) and fine-tunes it with Adam (``--optimizer adam``, scale
 layer's translator stays the identity. An MLSAE trained on translated residuals sees every
 layer in the final layer's basis (the paper's ``-lens`` variant, claim 4); its reconstructions map
 back through the inverse. Saved as ``lens.safetensors`` (``weight [L, d, d]``, ``bias [L, d]``;
-metadata: the layers and the model), with ``lens.json``: the options and the KL per layer of the
-identity and the tuned lens on held-out text.
+metadata: the layers and the model), with ``lens.json``: the options, the KL per layer of the
+identity and the tuned lens on held-out text, and the condition number of each ``I + A_l``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from mlsae.data import DataOptions, load_chunks
 from mlsae.fetch import DEFAULT_MODEL
+from mlsae.metrics import CleanLogits, compare
 from mlsae.positions import PositionRule, read_residuals
 from mlsae.precision import autocast as precision_autocast
 from mlsae.transformer import Transformer, load_transformer
@@ -64,6 +65,13 @@ class TunedLens(nn.Module):
     def inverse(self, t: Tensor, rows: slice = slice(None)) -> Tensor:
         """The residuals ``[L, ..., d]`` whose translations are ``t``."""
         return inverse(t, self.weight[rows], self.bias[rows])
+
+    @torch.no_grad()
+    def condition_numbers(self) -> Tensor:
+        """The 2-norm condition number of each ``I + A_l``: how much the inverse can magnify an error
+        made in the translated space (an MLSAE's reconstruction error, mapped back to the raw space)."""
+        eye = torch.eye(self.weight.shape[-1], dtype=torch.float64, device=self.weight.device)
+        return torch.linalg.cond(eye + self.weight.double())
 
     def rows_of(self, layers: list[int]) -> tuple[Tensor, Tensor]:
         """The translators (weight, bias) of these transformer ``layers``, which the lens must have."""
@@ -270,18 +278,18 @@ def kl_per_layer(transformer: Transformer, lens: TunedLens, batches: list[Tensor
     total, n = torch.zeros(len(lens.layers), dtype=torch.float64), 0
     for ids in batches:
         with autocast:
-            h, log_p = _read(transformer, ids.to(device), lens.layers, rule)
-            h = h if identity else lens.translate(h)
+            r = read_residuals(transformer, ids.to(device), lens.layers, rule, logits=True)
+            clean = CleanLogits.of(r.logits[r.keep])
+            h = r.kept if identity else lens.translate(r.kept)
             for i in range(len(lens.layers)):
-                total[i] += float(kl_to_final(transformer, h[i], log_p))
-        n += log_p.shape[0]
+                total[i] += compare(clean, lens_logits(transformer, h[i]))[1].double().sum().item()
+        n += len(clean.lse)
     return total / max(n, 1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_config_path_arg=False)
-    parser.add_arguments(LensConfig, dest="cfg")
-    cfg = parser.parse_args(argv).cfg
+def run(cfg: LensConfig) -> dict:
+    """Fit a lens (``fit``), report the KL per layer of the identity and of the lens on held-out text, and
+    write ``lens.safetensors`` and ``lens.json`` to ``cfg.out_dir``; returns the report."""
     from mlsae.train import pick_device  # mlsae.train imports mlsae.model, which imports this module
 
     out = check_out_dir(cfg.out_dir)
@@ -295,12 +303,21 @@ def main(argv: list[str] | None = None) -> None:
     held_out = _batches(cfg, transformer, cfg.eval_split, cfg.eval_tokens)
     report = {"config": asdict(cfg), "layers": lens.layers, "position_rule": asdict(rule),
               "kl_identity": kl_per_layer(transformer, lens, held_out, rule, cfg.precision, identity=True).tolist(),
-              "kl_tuned": kl_per_layer(transformer, lens, held_out, rule, cfg.precision).tolist()}
-    path = lens.save(out)
+              "kl_tuned": kl_per_layer(transformer, lens, held_out, rule, cfg.precision).tolist(),
+              "condition_numbers": lens.condition_numbers().tolist()}
+    lens.save(out)
     with atomic_path(out / "lens.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_config_path_arg=False)
+    parser.add_arguments(LensConfig, dest="cfg")
+    cfg = parser.parse_args(argv).cfg
+    report = run(cfg)
     print(json.dumps({k: [round(v, 4) for v in report[k]] for k in ("kl_identity", "kl_tuned")}))
-    print(path)
+    print(Path(cfg.out_dir) / FILE)
 
 
 if __name__ == "__main__":

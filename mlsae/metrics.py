@@ -114,12 +114,30 @@ class CleanLogits(NamedTuple):
         return cls(flat, probs, lse, probs.sum(-1))
 
 
+@torch.no_grad()
+def compare(clean: CleanLogits, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``logits [..., V]`` against the clean ones, per position (flattened): their log-sum-exp ``[N]``,
+    KL(p_clean || p) ``[N]``, and the summed squared logit difference (float64), in one read.
+
+    With d = logits - clean logits, KL = (lse(logits) - lse(clean)) * sum(p_clean) - sum(p_clean * d),
+    so no log-softmax of ``logits`` is ever stored."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    lse, kl = clean.lse.new_empty(len(flat)), clean.lse.new_empty(len(flat))
+    sse = torch.zeros((), dtype=torch.float64)
+    for a, b in _chunks(len(flat)):
+        d = flat[a:b].to(torch.float32, copy=True)  # a copy: d is computed in place
+        lse[a:b] = torch.logsumexp(d, -1)
+        d.sub_(clean.logits[a:b])
+        kl[a:b] = (lse[a:b] - clean.lse[a:b]) * clean.mass[a:b] - (clean.probs[a:b] * d).sum(-1)
+        sse += d.view(-1).dot(d.view(-1)).double()
+    return lse, kl, sse
+
+
 class DownstreamMetrics:
     """Accumulates clean, spliced and zero-ablated cross-entropy, KL and logit MSE per layer.
 
-    Each spliced batch is read once, in cache-sized chunks of positions: with d = spliced - clean
-    logits, KL(p || q) = (lse(spliced) - lse(clean)) * sum(p) - sum(p * d), so no log-softmax of
-    the spliced logits is ever stored. Without ``update_zero`` there is no CE recovered.
+    Each spliced batch is read once, in cache-sized chunks of positions (``compare``). Without
+    ``update_zero`` there is no CE recovered.
     """
 
     def __init__(self, n_layers: int):
@@ -144,16 +162,7 @@ class DownstreamMetrics:
     @torch.no_grad()
     def update_layer(self, i: int, spliced: Tensor, ids: Tensor) -> None:
         """Layer ``i``'s spliced logits ``[B, P, V]``, after ``update_clean`` of the same batch's."""
-        clean = self._clean
-        flat = spliced.reshape(-1, spliced.shape[-1])
-        lse, kl = clean.lse.new_empty(len(flat)), clean.lse.new_empty(len(flat))
-        sse = torch.zeros((), dtype=torch.float64)
-        for a, b in _chunks(len(flat)):
-            s = flat[a:b].to(torch.float32, copy=True)  # a copy: d is computed in place
-            lse[a:b] = torch.logsumexp(s, -1)
-            d = s.sub_(clean.logits[a:b]).view(-1)
-            kl[a:b] = (lse[a:b] - clean.lse[a:b]) * clean.mass[a:b] - (clean.probs[a:b] * d.view(b - a, -1)).sum(-1)
-            sse += d.dot(d).double()
+        lse, kl, sse = compare(self._clean, spliced)
         self.ce_spliced[i] += _next_token_nll(lse.view(ids.shape), spliced, ids).double().sum().cpu()
         self.kl[i] += kl.double().sum().cpu()
         self.logit_sse[i] += sse

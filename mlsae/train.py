@@ -20,6 +20,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -78,6 +79,10 @@ class TrainConfig(SAEOptions, DataOptions):
     tuned_lens: str | None = None
     """A tuned lens (its folder or lens.safetensors, from python -m mlsae.lens): train on residuals
     translated into the final layer's basis (the paper's -lens MLSAEs); the lens is saved with each MLSAE."""
+    lens_copy: bool = False
+    """With --tuned_lens: train the sweep on the raw residuals, and beside it, in the same pass, one MLSAE of
+    the baselines' size (the sweep's largest, or --baseline_expansion_factor/--baseline_k) on the translated
+    ones (named ...-lens): the paper's two variants on the same tokens."""
     per_layer: bool = False
     """Train one single-layer SAE per layer of --layers (of every size of the sweep) from the same
     transformer pass, instead of one MLSAE over them."""
@@ -119,6 +124,9 @@ class TrainConfig(SAEOptions, DataOptions):
             raise MLSAEError("--expansion_factor and -k must be positive")
         if self.warmup_steps < 0:
             raise MLSAEError(f"--warmup_steps must be 0 or more, got {self.warmup_steps}")
+        if self.lens_copy and (not self.tuned_lens or self.per_layer):
+            raise MLSAEError("--lens_copy adds a tuned-lens MLSAE beside the sweep: it needs --tuned_lens, and not "
+                             "--per_layer")
         if self.per_layer and not self.layers:
             raise MLSAEError("--per_layer needs --layers: the layers to train a single-layer SAE at")
         if self.baselines and self.per_layer:
@@ -149,23 +157,42 @@ class TrainConfig(SAEOptions, DataOptions):
     def sweep(self) -> list[tuple[int, int]]:
         return list(itertools.product(self.expansion_factor, self.k))
 
-    def members(self) -> list[tuple[str, int, int, list[int] | None]]:
-        """(name, expansion factor, k, layers) of every SAE trained, in order: the sweep (layers None:
-        every layer read), with ``per_layer`` one SAE per layer for each of its sizes; then the
-        ``baselines``, one per layer."""
+    def members(self) -> list[Member]:
+        """Every SAE trained, in order: the sweep (every layer read), with ``per_layer`` one SAE per layer
+        for each of its sizes; the ``lens_copy``; then the ``baselines``, one per layer."""
         if self.per_layer:
-            return [(self.baseline_name(ef, k, layer), ef, k, [layer]) for ef, k in self.sweep() for layer in self.layers]
+            return [Member(self.baseline_name(ef, k, layer), ef, k, [layer], self.uses_lens)
+                    for ef, k in self.sweep() for layer in self.layers]
         ef, k = self.baseline_size
-        return ([(mlsae_name(self.model_name, ef_, k_), ef_, k_, None) for ef_, k_ in self.sweep()]
-                + [(self.baseline_name(ef, k, layer), ef, k, [layer]) for layer in self.baselines or []])
+        sweep = [Member(mlsae_name(self.model_name, ef_, k_, lens=self.uses_lens), ef_, k_, None, self.uses_lens)
+                 for ef_, k_ in self.sweep()]
+        if self.lens_copy:
+            sweep.append(Member(mlsae_name(self.model_name, ef, k, lens=True), ef, k, None, True))
+        return sweep + [Member(self.baseline_name(ef, k, layer), ef, k, [layer], self.uses_lens) for layer in self.baselines or []]
+
+    @property
+    def uses_lens(self) -> bool:
+        """Whether the sweep itself trains on translated residuals (``tuned_lens`` without ``lens_copy``)."""
+        return bool(self.tuned_lens) and not self.lens_copy
 
     @property
     def baseline_size(self) -> tuple[int, int]:
-        """(expansion factor, k) of the ``baselines``."""
+        """(expansion factor, k) of the ``baselines`` and the ``lens_copy``."""
         return self.baseline_expansion_factor or max(self.expansion_factor), self.baseline_k or max(self.k)
 
     def baseline_name(self, ef: int, k: int, layer: int) -> str:
         return f"{mlsae_name(self.model_name, ef, k)}-layer-{layer}"
+
+
+class Member(NamedTuple):
+    """One SAE that ``mlsae.train`` trains: its folder name, size, layers (None: every layer read) and
+    whether it reads tuned-lens-translated residuals."""
+
+    name: str
+    expansion_factor: int
+    k: int
+    layers: list[int] | None
+    lens: bool
 
 
 # Options that may differ between a run and its resumption.
@@ -240,14 +267,14 @@ def make_sweep(cfg: TrainConfig, d_model: int, layers: list[int], device: torch.
         if lens.model_name and lens.model_name != cfg.model_name:
             raise MLSAEError(f"--tuned_lens {cfg.tuned_lens} was fitted to {lens.model_name}, not {cfg.model_name}")
     runs = []
-    for name, ef, k, group in cfg.members():
+    for name, ef, k, group, uses_lens in cfg.members():
         rows = slice(None) if group is None else slice(layers.index(group[0]), layers.index(group[0]) + 1)
         group = group or layers
         torch.manual_seed(cfg.seed)  # every run of a sweep starts as its solo run would
         sae_cfg = SAEConfig(n_inputs=d_model, n_latents=d_model * ef, k=k, n_layers=len(group), layers=group,
-                            model_name=cfg.model_name, tuned_lens=lens is not None, **cfg.sae_options())
+                            model_name=cfg.model_name, tuned_lens=uses_lens, **cfg.sae_options())
         sae = MLSAE(sae_cfg).to(device).train()
-        if lens is not None:
+        if uses_lens:
             sae.set_lens(lens)
         # fused: one pass over each parameter instead of ~10 (5x faster on a CPU; one kernel on a GPU)
         optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10, fused=True)
@@ -445,7 +472,7 @@ def train(cfg: TrainConfig) -> list[Path]:
     model, tokenizer = load_transformer(cfg.model_name, device=device)
     transformer = Transformer(model, tokenizer)
     layers = resolve_layers(cfg, transformer.n_layers)
-    for _, ef, k, _ in cfg.members():
+    for _, ef, k, *_ in cfg.members():
         if k > transformer.d_model * ef:
             raise MLSAEError(f"k={k} is larger than the number of latents ({transformer.d_model} x {ef})")
     chunks = load_chunks(cfg.path, cfg.split, tokenizer, cfg.max_length, max_tokens=cfg.max_tokens)

@@ -612,3 +612,28 @@ def test_cards_from_the_analysis_pass(tiny, cache):
                              env=env, timeout=300)
         assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == message and "Traceback" not in bad.stderr
         assert not (tiny / "bad.html").exists()
+
+
+def test_resid_with_a_tuned_lens_adds_the_translated_cosines(tiny, tiny_llama):
+    """--tuned_lens: the same passes also give the centred cosines of the translated residuals, and the
+    raw columns do not change."""
+    from mlsae.lens import TunedLens
+
+    chunks = load_chunks(str(tiny / "test.jsonl"), "test", tiny_llama.tokenizer, 16, max_tokens=96)
+    torch.manual_seed(0)
+    lens = TunedLens([0, 1, 2, 3], tiny_llama.d_model)
+    with torch.no_grad():
+        lens.weight.normal_(std=0.3)
+        lens.bias.normal_()
+    plain, _ = resid.resid_stats(tiny_llama, chunks, [0, 1, 2], batch_size=4, precision="fp32")
+    df, _ = resid.resid_stats(tiny_llama, chunks, [0, 1, 2], batch_size=4, precision="fp32", lens=lens)
+    pd.testing.assert_frame_equal(df[plain.columns], plain)
+    keep = ~tiny_llama.special_mask(chunks)
+    keep[:, 0] = False
+    with torch.no_grad():
+        t = lens.translate(tiny_llama.residuals(chunks, [0, 1, 2])[:, keep], slice(0, 3)).double()
+    c = t - t.mean(1, keepdim=True)
+    for l in range(2):
+        cos = torch.nn.functional.cosine_similarity(c[l], c[l + 1], dim=-1)
+        assert df["cos_next_lens"][l] == pytest.approx(cos.mean().item(), rel=1e-5)
+        assert not df["cos_next_lens"][l] == pytest.approx(df["cos_next"][l], rel=1e-3)

@@ -20,7 +20,7 @@ pytest.importorskip("jupyter_book")
 import nbformat  # noqa: E402
 import yaml  # noqa: E402
 
-from book import Results, baseline_dirs, load_profile, number_tokens, repo_root, run_dirs, train_status  # noqa: E402
+from book import Results, baseline_dirs, lens_dir, load_profile, number_tokens, repo_root, run_dirs, train_status  # noqa: E402
 from book.build import NOTEBOOKS, build, check_numbers, execute, fetch, page_text, verify_sources  # noqa: E402
 from book.results import fmt_number  # noqa: E402
 from mlsae.train import parse_args  # noqa: E402
@@ -233,11 +233,16 @@ def test_table_records_every_cell(tmp_path):
 def test_profiles_are_train_configs(name):
     prof = load_profile(name)
     cfg = prof.train_config()
-    assert parse_args(["--config_path", str(prof.path)]) == cfg  # the profile doubles as mlsae.train's config
+    # the profile doubles as mlsae.train's config (given the lens that the book fits for its lens copy)
+    assert parse_args(["--config_path", str(prof.path), "--tuned_lens", cfg.tuned_lens]) == cfg
     assert cfg.out_dir == f"runs/{name}/sweep"
     assert len(cfg.baselines) >= 2
-    assert [group for *_, group in cfg.members()] == [None] * len(cfg.sweep()) + [[layer] for layer in cfg.baselines]
+    assert cfg.lens_copy and cfg.tuned_lens.startswith(f"runs/{name}/sweep/lens-")
+    assert [m.layers for m in cfg.members()] == [None] * (len(cfg.sweep()) + 1) + [[layer] for layer in cfg.baselines]
+    assert [m.lens for m in cfg.members()] == [False] * len(cfg.sweep()) + [True] + [False] * len(cfg.baselines)
     assert set(baseline_dirs(cfg)) == set(cfg.baselines) and len(run_dirs(cfg)) == len(cfg.sweep())
+    assert lens_dir(cfg).name.endswith("-lens") and lens_dir(cfg) not in run_dirs(cfg)
+    assert prof.lens_config(cfg).out_dir == cfg.tuned_lens
     prof.eval_config("some/folder", "out")
     assert {"expansion_factor", "k", "max_tokens", "prompts"} <= set(prof.analysis())
 

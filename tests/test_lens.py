@@ -45,6 +45,11 @@ def test_inverse_of_translate_is_the_identity():
     assert not torch.allclose(t, x)
     torch.testing.assert_close(lens.inverse(t), x, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(TunedLens([0, 1, 2], 16).translate(x), x)  # identity at the start
+    torch.testing.assert_close(TunedLens([0, 1, 2], 16).condition_numbers(), torch.ones(3, dtype=torch.float64))
+    scaled = TunedLens([0], 4)
+    with torch.no_grad():
+        scaled.weight[0] = torch.diag(torch.tensor([1.0, 3.0, 0.5, 2.0]) - 1)  # I + A: singular values 1, 3, 0.5, 2
+    assert scaled.condition_numbers().item() == pytest.approx(6.0)
 
 
 @pytest.mark.parametrize("recipe", [
@@ -66,6 +71,12 @@ def test_fitted_lens_lowers_the_kl_on_held_out_text(tiny, tmp_path, recipe):
     tuned = kl_per_layer(transformer, lens, held_out, rule, "fp32")
     assert identity[-1] < 1e-5 and tuned[-1] < 1e-5  # the last layer's readout is the model's own
     assert (tuned[:-1] < 0.8 * identity[:-1]).all(), (identity, tuned)
+    with torch.no_grad():  # the first layer's KL, computed here from log-softmaxes
+        r = [read_residuals(transformer, ids, [0], rule, logits=True) for ids in held_out]
+        log_p = torch.cat([x.logits[x.keep] for x in r]).log_softmax(-1)
+        log_q = transformer.lm_head(transformer.final_norm(lens.translate(torch.cat([x.kept for x in r], 1), slice(0, 1))[0]))
+        kl = (log_p.exp() * (log_p - log_q.log_softmax(-1))).sum(-1).mean()
+    assert tuned[0].item() == pytest.approx(kl.item(), rel=1e-4)
     lens.save(tmp_path)
     back = TunedLens.load(tmp_path)
     assert back.layers == [0, 1, 2] and back.model_name == cfg.model_name

@@ -187,6 +187,7 @@ def test_baselines_train_in_the_sweeps_pass_as_they_would_alone(setup):
     (["--per_layer", "--layers", "1", "--max_norm_ratio", "8"], "cannot use --max_norm_ratio"),
     (["--baselines", "9"], "--baselines [9] out of range"),
     (["--baselines", "2", "--layers", "0", "1"], "must be among the layers read"),
+    (["--lens_copy"], "--lens_copy adds a tuned-lens MLSAE beside the sweep: it needs --tuned_lens"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
 ])
 def test_bad_input_is_one_clear_line(setup, extra, message):
@@ -212,8 +213,20 @@ def test_train_on_tuned_lens_residuals(setup):
                       "--max_tokens", "512"))
     assert result.returncode == 0, result.stderr
     folder = only_run(out)
+    assert folder.name == "mlsae-tiny-llama-x2-k4-lens"  # the reference's name for the variant
     assert json.loads((folder / "config.json").read_text())["tuned_lens"] is True
     torch.testing.assert_close(weights(folder)["lens_weight"], lens.weight.detach()[1:])
+    # --lens_copy: the plain MLSAE and its tuned-lens copy from one pass; the copy is the lensed run above
+    both = setup["tmp"] / "lens-copy"
+    result = run(args(setup, both, "--layers", "1", "2", "--tuned_lens", str(setup["tmp"] / "lens"), "--lens_copy",
+                      "--max_tokens", "512"))
+    assert result.returncode == 0, result.stderr
+    plain, copy = both / "mlsae-tiny-llama-x2-k4", both / "mlsae-tiny-llama-x2-k4-lens"
+    assert json.loads((plain / "config.json").read_text())["tuned_lens"] is False
+    assert "lens_weight" not in weights(plain)
+    a, b = weights(copy), weights(folder)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     TunedLens([0, 1, 2], 64, "another/model").save(setup["tmp"] / "other-lens")
     bad = run(args(setup, setup["tmp"] / "lensed-bad", "--tuned_lens", str(setup["tmp"] / "other-lens")))
     assert bad.returncode == 2 and "was fitted to another/model" in bad.stderr and "Traceback" not in bad.stderr

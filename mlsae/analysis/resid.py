@@ -10,6 +10,8 @@ MLSAE reads them):
   read, with each layer centred by its own dataset mean (the paper's measure of how similar
   adjacent layers are; plain cosines are dominated by the mean direction), and its std;
 - ``cos_next_raw``: the same without centring;
+- with a tuned lens (``--tuned_lens``), ``cos_next_lens`` and ``cos_next_raw_lens``: the same two of
+  the residuals translated into the final layer's basis (``mlsae.lens``), as a tuned-lens MLSAE reads them;
 - why the first position is left out: over every non-special position, ``norm_first`` and
   ``norm_rest``, the mean norm at the first position of a sequence and at the others, and
   ``first_variance_share``, the first positions' share of the layer's variance (their squared
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 from mlsae.analysis.common import DataOptions, config_dict, output_dir, parse, write_json
 from mlsae.data import load_chunks
 from mlsae.fetch import DEFAULT_MODEL
+from mlsae.lens import TunedLens, translate
 from mlsae.metrics import ExcludedShare
 from mlsae.positions import PositionRule
 from mlsae.precision import autocast as precision_autocast
@@ -134,10 +137,16 @@ def frame(layers: list[int], moments: ResidMoments, centred: CentredCosines) -> 
 
 @torch.no_grad()
 def resid_stats(transformer: Transformer, chunks: Tensor, layers: list[int], batch_size: int = 4,
-                precision: str = "auto", rule: PositionRule = PositionRule()) -> tuple[pd.DataFrame, int]:
-    """The per-layer table of the module docstring and the token count, from two passes over ``chunks``."""
+                precision: str = "auto", rule: PositionRule = PositionRule(),
+                lens: TunedLens | None = None) -> tuple[pd.DataFrame, int]:
+    """The per-layer table of the module docstring and the token count, from two passes over ``chunks``
+    (with ``lens``, the cosines of the translated residuals too, from the same passes)."""
     device = transformer.device
     autocast = precision_autocast(precision, device)
+    spaces = {"": lambda x: x}
+    if lens is not None:
+        weight, bias = (t.to(device) for t in lens.rows_of(layers))
+        spaces["_lens"] = lambda x: translate(x, weight, bias)
 
     def batches(desc: str):
         for start in tqdm(range(0, len(chunks), batch_size), desc=desc, unit="batch"):
@@ -147,17 +156,24 @@ def resid_stats(transformer: Transformer, chunks: Tensor, layers: list[int], bat
             special = transformer.special_mask(ids)
             yield acts, special, rule.keep(special, acts)
 
-    moments, first = ResidMoments(len(layers), transformer.d_model), FirstPosition(len(layers))
+    moments = {suffix: ResidMoments(len(layers), transformer.d_model) for suffix in spaces}
+    first = FirstPosition(len(layers))
     for acts, special, keep in batches("resid: means"):
-        moments.update(acts[:, keep].float())
+        for suffix, space in spaces.items():
+            moments[suffix].update(space(acts[:, keep].float()))
         first.update(acts, special)
-    centred = CentredCosines(moments.mean)
+    centred = {suffix: CentredCosines(m.mean) for suffix, m in moments.items()}
     for acts, _, keep in batches("resid: cosines"):
-        centred.update(acts[:, keep].float())
-    df = frame(layers, moments, centred)
+        for suffix, space in spaces.items():
+            centred[suffix].update(space(acts[:, keep].float()))
+    df = frame(layers, moments[""], centred[""])
     for name, values in first.columns().items():
         df[name] = values.numpy()
-    return df, moments.n
+    if lens is not None:
+        lensed = frame(layers, moments["_lens"], centred["_lens"])
+        for name in ("cos_next", "cos_next_std", "cos_next_raw"):
+            df[f"{name}_lens"] = lensed[name]
+    return df, moments[""].n
 
 
 @dataclass
@@ -170,6 +186,8 @@ class ResidOptions:
     """Held-out data."""
     positions: PositionRule = field(default_factory=PositionRule)
     """Which positions are left out (as an MLSAE trained with the same rule would see the data)."""
+    tuned_lens: str | None = None
+    """A tuned lens (folder or lens.safetensors): also the cosines of the translated residuals."""
     out_dir: str | None = None
     """Output folder (default: out/analysis/<model name>)."""
 
@@ -181,11 +199,13 @@ def run(cfg: ResidOptions) -> tuple[pd.DataFrame, dict]:
     layers = transformer._check_layers(cfg.layers)
     d = cfg.data
     chunks = load_chunks(d.path, d.split, transformer.tokenizer, d.max_length, max_tokens=d.max_tokens)
-    df, tokens = resid_stats(transformer, chunks, layers, d.batch_size, d.precision, cfg.positions)
+    lens = TunedLens.load(cfg.tuned_lens) if cfg.tuned_lens else None
+    df, tokens = resid_stats(transformer, chunks, layers, d.batch_size, d.precision, cfg.positions, lens)
     out = output_dir(cfg.out_dir, cfg.model_name)
     with atomic_path(out / "resid.csv") as tmp:
         df.to_csv(tmp, index=False)
     summary = {"cos_next_mean": df["cos_next"].mean(), "cos_next_raw_mean": df["cos_next_raw"].mean(), "tokens": tokens,
+               **({"cos_next_lens_mean": df["cos_next_lens"].mean()} if lens is not None else {}),
                "positions": cfg.positions.describe(),
                "layers": layers, "config": config_dict(cfg)}
     write_json(out / "resid.json", summary)
