@@ -2,7 +2,7 @@
 
 Trains the default profile's main MLSAE (SmolLM2-135M-Instruct, expansion factor 8, k 32, on
 the Brown training split) with each recipe of ``RECIPES`` and evaluates it on the Brown test
-split with the same options as the book (``profiles/default.yaml``, ``test:``), every recipe
+split with the same options as the book (``profiles/default.yaml``, ``evaluate:``), every recipe
 with the same positions left out (special tokens and the first position), so that the numbers
 compare. Metrics (``mlsae.metrics``): FVU and CE loss recovered averaged over layers, delta CE
 (nats), and dead latents (the fraction of latents that never fire at a layer over the
@@ -52,9 +52,10 @@ RECIPES: dict[str, dict] = {
 def base_configs(profile: Path) -> tuple[TrainConfig, EvalConfig]:
     """The profile's main MLSAE (its largest expansion factor and k) and its evaluation options."""
     spec = yaml.safe_load(profile.read_text())
-    train_opts = {**spec["cfg"]}
+    # the main MLSAE alone: no per-layer baselines, no tuned-lens copy
+    train_opts = {k: v for k, v in spec["train"].items() if k not in ("baselines", "lens_copy")}
     train_opts.update(expansion_factor=[max(train_opts["expansion_factor"])], k=[max(train_opts["k"])])
-    test_opts = {k: v for k, v in spec["test"].items() if k in EvalConfig.__dataclass_fields__}
+    test_opts = {k: v for k, v in spec["evaluate"].items() if k in EvalConfig.__dataclass_fields__}
     return TrainConfig(**train_opts), EvalConfig(sae="", skip_first=1, **test_opts)
 
 

@@ -160,6 +160,11 @@ class LensConfig(DataOptions):
     """Training tokens of the least-squares start."""
     fine_tune: bool = True
     """Fine-tune by the KL after the start (False: the least-squares map alone)."""
+    max_condition: float | None = 100.0
+    """Bound on the condition number of each translator I + A (its singular values raised to at least the
+    largest over this): the inverse, which maps a tuned-lens MLSAE's reconstructions back to the raw space,
+    then magnifies an error at most this much (the least-squares maps alone reach 1e4-1e6 on SmolLM2, at
+    almost no KL cost when bounded at 100). None: no bound."""
     optimizer: str = "adam"
     """adam, or sgd (Nesterov momentum 0.9, the tuned-lens paper's, with --lr 1)."""
     lr: float = 1e-4
@@ -204,7 +209,7 @@ def fit(cfg: LensConfig, transformer: Transformer, rule: PositionRule = Position
     transformer.requires_grad_(False)
     if cfg.start == "lstsq":
         weight, bias = least_squares(transformer, _batches(cfg, transformer, cfg.split, cfg.lstsq_tokens), layers, rule,
-                                     cfg.precision)
+                                     cfg.precision, max_condition=cfg.max_condition)
         with torch.no_grad():
             lens.weight.copy_(weight)
             lens.bias.copy_(bias)
@@ -235,6 +240,9 @@ def fit(cfg: LensConfig, transformer: Transformer, rule: PositionRule = Position
         opt.step()
         schedule.step()
         opt.zero_grad(set_to_none=True)
+    if cfg.max_condition is not None:
+        with torch.no_grad():
+            lens.weight.copy_(bound_condition(lens.weight.double(), cfg.max_condition).float())
     return lens.eval()
 
 
@@ -243,12 +251,24 @@ def _is_last(layers: list[int], transformer: Transformer) -> Tensor:
     return torch.tensor([layer == transformer.n_layers - 1 for layer in layers], device=transformer.device)
 
 
+def bound_condition(weight: Tensor, max_condition: float) -> Tensor:
+    """``A [L, d, d]`` with the singular values of each ``I + A`` raised to at least the largest over
+    ``max_condition`` (the nearest map, in every unitarily invariant norm, whose condition number is at most that)."""
+    eye = torch.eye(weight.shape[-1], dtype=weight.dtype, device=weight.device)
+    u, s, vh = torch.linalg.svd(eye + weight)
+    s = torch.maximum(s, s[..., :1] / max_condition)
+    return u @ torch.diag_embed(s) @ vh - eye
+
+
 @torch.no_grad()
 def least_squares(transformer: Transformer, batches: list[Tensor], layers: list[int], rule: PositionRule,
-                  precision: str = "auto", ridge: float = 1e-6) -> tuple[Tensor, Tensor]:
+                  precision: str = "auto", ridge: float = 1e-6,
+                  max_condition: float | None = None) -> tuple[Tensor, Tensor]:
     """Translators ``(A [L, d, d], b [L, d])`` with ``h + A h + b`` the least-squares fit of the last
     layer's residual from layer l's over the kept positions (fp64 normal equations; ``ridge`` times
-    the mean diagonal keeps them solvable). The last layer's own is the identity."""
+    the mean diagonal keeps them solvable). The last layer's own is the identity. With
+    ``max_condition``, each ``I + A`` is bounded (``bound_condition``) and ``b`` refitted to it (so the
+    translated mean still equals the last layer's)."""
     last, d = transformer.n_layers - 1, transformer.d_model
     read = sorted(set(layers) | {last})
     device = transformer.device
@@ -264,6 +284,11 @@ def least_squares(transformer: Transformer, batches: list[Tensor], layers: list[
     w = torch.linalg.solve(xtx + ridge * scale * torch.eye(d + 1, dtype=torch.float64, device=device), xty)
     eye = torch.eye(d, dtype=torch.float64, device=device)
     weight, bias = w[:, :d].transpose(1, 2) - eye, w[:, d]  # y = h W[:d] + W[d] = h + h A^T + b
+    if max_condition is not None:
+        n = xtx[:, d, d][:, None]  # the constant column: sums of h and y sit beside it
+        mean_h, mean_y = xtx[:, d, :d] / n, xty[:, d] / n
+        weight = bound_condition(weight, max_condition)
+        bias = mean_y - mean_h - (weight @ mean_h[..., None])[..., 0]
     is_last = _is_last(layers, transformer)
     return weight.where(~is_last[:, None, None], 0).float(), bias.where(~is_last[:, None], 0).float()
 

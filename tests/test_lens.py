@@ -97,6 +97,15 @@ def test_least_squares_start_is_the_least_squares_fit(tiny):
     cos = (x.transpose(1, 2) @ error)[:2] / (x.norm(dim=1)[:2, :, None] * error.norm(dim=1)[:2, None, :])
     assert cos.abs().max() < 1e-3  # each input column orthogonal to each error column: the optimum
     assert (error[:2].square().mean((1, 2)) < 0.9 * (h[:2] - h[2]).square().mean((1, 2))).all()  # beats the identity
+    # bounded: every translator's condition number at most the bound, the translated mean still the target's
+    weight, bias = least_squares(transformer, batches, [0, 1, 2], rule, "fp32", ridge=0.0, max_condition=1.5)
+    lens = TunedLens([0, 1, 2], h.shape[-1])
+    with torch.no_grad():
+        lens.weight.copy_(weight)
+        lens.bias.copy_(bias)
+    assert (lens.condition_numbers() <= 1.5 + 1e-4).all()
+    torch.testing.assert_close(translate(h, weight.double(), bias.double()).mean(1)[:2], h[2].mean(0).expand(2, -1),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_cli_writes_lens_and_report(tiny, tmp_path):
