@@ -195,10 +195,7 @@ def ensure_lens(cfg: LensConfig) -> dict:
 
     out = Path(cfg.out_dir)
     if not ((out / FILE).is_file() and (out / "lens.json").is_file()):
-        start = time.perf_counter()
-        report = run(cfg)
-        report["seconds"] = time.perf_counter() - start
-        atomic_write_text(out / "lens.json", json.dumps(report, indent=2))
+        run(cfg)
     return json.loads((out / "lens.json").read_text())
 
 
