@@ -1,7 +1,8 @@
 # mlsae: `make all` reproduces the paper book from nothing; `make test` runs the test suite.
 # Both set up .venv themselves (pinned by constraints.txt, so set-up takes about a minute).
 # `make all PROFILE=smoke` runs the whole pipeline on a tiny model in a minute or two;
-# PROFILE=gemma runs it on Gemma 3 270M; PROFILE=paper is the paper's setup (Pythia-70m-deduped
+# PROFILE=gemma runs it on Gemma 3 270M (with a chapter setting it beside the default model,
+# whose runs it makes too where `make all` has not); PROFILE=paper is the paper's setup (Pythia-70m-deduped
 # + the Pile; needs the hub and a GPU).
 
 PROFILE ?= default
@@ -13,9 +14,10 @@ OUT     := out/$(PROFILE)
 PROFILE_FILE := profiles/$(PROFILE).yaml
 NB_OUT  := $(OUT)/notebooks
 BOOK    := $(OUT)/book/_build/html/index.html
-# The book's notebooks, in book order (book/build.py NOTEBOOKS).
+# The book's notebooks, in book order (book/build.py NOTEBOOKS); the model-size chapter only under
+# profiles with a compare: section (book/build.py NEEDS_SECTION).
 NOTEBOOKS := train evaluation residual_geometry layer_distributions examples prompt_heatmaps \
-             decoder_geometry baselines tuned_lens performance
+             decoder_geometry baselines tuned_lens $(if $(shell grep -s '^compare:' $(PROFILE_FILE)),model_size) performance
 EXECUTED  := $(NOTEBOOKS:%=$(NB_OUT)/%.ipynb)
 # What the notebooks' results depend on: the library (the ipywidgets app aside), the book's
 # Python package (book/*.py) and the profile.
@@ -74,6 +76,7 @@ $(NB_OUT)/layer_distributions.ipynb: $(NB_OUT)/residual_geometry.ipynb $(NB_OUT)
 $(NB_OUT)/examples.ipynb $(NB_OUT)/decoder_geometry.ipynb $(NB_OUT)/prompt_heatmaps.ipynb: $(NB_OUT)/layer_distributions.ipynb
 $(NB_OUT)/baselines.ipynb: $(NB_OUT)/evaluation.ipynb
 $(NB_OUT)/tuned_lens.ipynb: $(NB_OUT)/layer_distributions.ipynb
+$(NB_OUT)/model_size.ipynb: $(NB_OUT)/layer_distributions.ipynb
 $(NB_OUT)/performance.ipynb: $(NB_OUT)/evaluation.ipynb $(NB_OUT)/layer_distributions.ipynb $(wildcard out/bench.json)
 
 train: $(NB_OUT)/train.ipynb

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from book.build import NOTEBOOKS, build, check_numbers, execute, fetch, verify_sources
+from book.build import NOTEBOOKS, build, check_numbers, execute, fetch, profile_notebooks, verify_sources
 from book.profile import load_profile
 from mlsae.utils import MLSAEError, run_cli
 
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
                        ("build", "assemble and build the HTML book, then check its numbers"),
                        ("check", "check that every number in the built book was recorded"),
                        ("fetch", "fetch or build the model and data the profile needs"),
-                       ("list", "print the notebooks in book order")):
+                       ("list", "print the profile's notebooks in book order")):
         p = sub.add_parser(name, help=text)
         if name == "run":
             p.add_argument("notebooks", nargs="+", choices=NOTEBOOKS, metavar="NOTEBOOK")
@@ -27,14 +27,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--runs_dir", default=None, help="trained SAEs folder (default: runs/<profile>)")
     args = parser.parse_args(argv)
     if args.command == "list":
-        print("\n".join(NOTEBOOKS))
+        print("\n".join(profile_notebooks(args.profile)))
         return
     if args.command == "fetch":
         for path in fetch(args.profile):
             print(path)
         return
     if args.command in ("run", "run-all"):
-        for name in args.notebooks if args.command == "run" else NOTEBOOKS:
+        for name in args.notebooks if args.command == "run" else profile_notebooks(args.profile):
             print(f"{name}: {execute(name, args.profile, out_dir=args.out_dir, runs_dir=args.runs_dir)}", flush=True)
     elif args.command == "build":
         print(build(args.profile, args.out_dir, partial=args.partial).resolve())

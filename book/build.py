@@ -38,8 +38,11 @@ NOTEBOOKS = (
     "decoder_geometry",
     "baselines",
     "tuned_lens",
+    "model_size",
     "performance",
 )
+# Chapters that only some profiles run: notebook -> the profile section it needs.
+NEEDS_SECTION = {"model_size": "compare"}
 TITLES = {
     "train": "Training the sweep",
     "evaluation": "Evaluation",
@@ -50,8 +53,16 @@ TITLES = {
     "decoder_geometry": "Decoder geometry",
     "baselines": "MLSAE versus per-layer SAEs",
     "tuned_lens": "The tuned lens",
+    "model_size": "Two models: the model-size claim",
     "performance": "Performance",
 }
+
+
+def profile_notebooks(profile: str) -> tuple[str, ...]:
+    """The notebooks of ``profile``'s book, in book order: every one whose section the profile has
+    (``NEEDS_SECTION``; the model-size chapter needs another model to compare with)."""
+    prof = load_profile(profile)
+    return tuple(n for n in NOTEBOOKS if n not in NEEDS_SECTION or prof.section(NEEDS_SECTION[n]))
 
 
 def notebook_source(name: str) -> Path:
@@ -135,7 +146,8 @@ def fetch(profile: str = "default") -> list[str]:
 
     prof = load_profile(profile)
     section = prof.section("fetch")
-    done = []
+    done = [path for other in prof.section("compare").get("profiles") or [] if other != prof.name
+            for path in fetch(other)]  # the model-size chapter reads the compared profiles' runs too
     for name in section.get("embedded") or []:  # "model" is the default model
         model = fetch_mod.SMOLLM2 if name == "model" else fetch_mod.EMBEDDED.get(f"embedded:{name}".lower())
         if model is None:
@@ -198,7 +210,8 @@ def build_info(profile: str, out: Path) -> str:
                  + f", on {R.text('device', 'a CUDA GPU' if torch.cuda.is_available() else f'{os.cpu_count()} CPU cores')}.")
     timings = {k: v["slowest"] for k, v in read_timings(out).items()}
     headlines, verdicts = [], []
-    for name in NOTEBOOKS:
+    chapters = profile_notebooks(profile)
+    for name in chapters:
         path = out / "results" / f"{name}.json"
         if not path.is_file():
             continue
@@ -216,12 +229,12 @@ def build_info(profile: str, out: Path) -> str:
         for name, label, text in headlines:
             lines.append(f"| [{TITLES[name]}](notebooks/{name}.ipynb) | {label} | {text} |")
     if timings:
-        total = sum(timings.get(n, 0) for n in NOTEBOOKS)
+        total = sum(timings.get(n, 0) for n in chapters)
         lines += ["", f"Producing the results took {R.num('notebooks_seconds', total, '.0f')} s of notebook execution "
                   "(the slowest recorded execution of each notebook; reruns with unchanged inputs reuse the "
                   "trained models, evaluations and analyses and take seconds) "
                   + "(" + ", ".join(f"{TITLES[n][0].lower() + TITLES[n][1:]} {R.num(f'seconds_{n}', timings[n], '.0f')} s"
-                                    for n in NOTEBOOKS if n in timings) + ")."]
+                                    for n in chapters if n in timings) + ")."]
     return "\n".join(lines) + "\n"
 
 
@@ -237,7 +250,8 @@ def assemble(profile: str = "default", out_dir: str | None = None, *, partial: b
 
     prof = load_profile(profile)
     out = prof.out_dir(out_dir)
-    missing = [n for n in NOTEBOOKS if not (out / "notebooks" / f"{n}.ipynb").is_file()]
+    chapters = profile_notebooks(profile)
+    missing = [n for n in chapters if not (out / "notebooks" / f"{n}.ipynb").is_file()]
     if missing and not partial:
         raise MLSAEError(f"notebooks not executed yet under {out}: {', '.join(missing)} "
                          f"(run: python -m book run-all --profile {profile})")
@@ -247,14 +261,15 @@ def assemble(profile: str = "default", out_dir: str | None = None, *, partial: b
     (src / "_static").mkdir()
     shutil.copyfile(root / "_config.yml", src / "_config.yml")
     toc = yaml.safe_load((root / "_toc.yml").read_text())
+    left_out = set(missing) | set(NOTEBOOKS) - set(chapters)
     for part in toc.get("parts", []):
-        part["chapters"] = [c for c in part["chapters"] if Path(c["file"]).name not in missing]
+        part["chapters"] = [c for c in part["chapters"] if Path(c["file"]).name not in left_out]
     toc["parts"] = [p for p in toc.get("parts", []) if p["chapters"]]
     (src / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
     for path in (root / "book").iterdir():
         if path.is_file() and path.suffix in (".md", ".png", ".svg", ".bib", ".css"):
             shutil.copyfile(path, src / "book" / path.name)
-    for name in NOTEBOOKS:
+    for name in chapters:
         if name not in missing:
             shutil.copyfile(out / "notebooks" / f"{name}.ipynb", src / "book" / "notebooks" / f"{name}.ipynb")
     shutil.copyfile(plotly_js_path(), src / "_static" / PLOTLY_JS)

@@ -88,3 +88,62 @@ def lens_comparison(stats: dict[str, dict[str, float]], uniform_std_rel: float):
     stds = [values["layer std / layers"] for values in stats.values()]
     close = max(stds) <= LENS_STD_FACTOR * min(stds) if min(stds) > 0 else False
     return table, agree and close
+
+
+# The paper's claim 3 across models: the statistics it reports as larger in larger models (a
+# ModelSide.statistics key starts with one of these; the multi-layer ones come per threshold).
+SIZE_SPREAD = ("share at several layers", "mean layers / layers", "layer std / layers")
+SIZE_SIMILARITY = "adjacent-layer similarity"
+SIZE_DECIMALS = 3  # values equal to this many decimals (as the book shows them) count as equal
+
+
+def size_comparison(stats: dict[str, dict[str, float]], sizes: dict[str, float]):
+    """How two models compare on the paper's model-size claim.
+
+    ``stats``: per model, its statistics (``book.models.ModelSide.statistics``); ``sizes``: per model, its
+    parameter count. Returns a table (statistic x model, the smaller first, and whether the larger
+    model's value is higher, lower or the same) and the findings: which model is larger, how many
+    measures of spread over layers are higher / lower / the same in it, whether its adjacent layers
+    are more similar, and the same counts for the paper's explanation (the model with more similar
+    adjacent layers has latents spread over more layers), which does not depend on which is larger.
+    """
+    import numpy as np
+    import pandas as pd
+
+    if len(stats) != 2 or set(stats) != set(sizes):
+        raise ValueError("size_comparison compares exactly two models, each with a size")
+    small, large = sorted(stats, key=lambda name: sizes[name])
+    table = pd.DataFrame(stats)[[small, large]]
+    sign = np.sign(table[large].round(SIZE_DECIMALS) - table[small].round(SIZE_DECIMALS)).astype(int)
+    table["in the larger model"] = sign.map({1: "higher", -1: "lower", 0: "the same"})
+    spread = sign[[str(i).startswith(SIZE_SPREAD) for i in table.index]]
+    similar = int(sign[SIZE_SIMILARITY])
+
+    def counts(signs) -> dict[str, int]:
+        return {"higher": int((signs > 0).sum()), "lower": int((signs < 0).sum()), "same": int((signs == 0).sum())}
+
+    findings = {"larger": large, "spread": counts(spread), "similarity": similar,
+                "explanation": counts(spread * similar) if similar else None}
+    return table, findings
+
+
+def size_verdict(findings: dict) -> str:
+    """The model-size verdict in words (no digits), from ``size_comparison``'s findings."""
+    c = findings["spread"]
+    every = "by every measure" if not c["same"] else "by every measure that differs"
+    if c["higher"] and c["lower"]:
+        spread = "latents spread over more layers by some measures and over fewer by others"
+    elif c["higher"] or c["lower"]:
+        spread = f"latents spread over {'more' if c['higher'] else 'fewer'} layers {every}"
+    else:
+        spread = "latents spread over as many layers by every measure"
+    similar = {1: "more", -1: "less", 0: "equally"}[findings["similarity"]]
+    c = findings["explanation"]
+    if c is None:
+        explanation = "says nothing of the paper's explanation, as adjacent layers are equally similar in both"
+    else:
+        word = ("consistent with" if c["higher"] and not c["lower"] else "against" if c["lower"] and not c["higher"]
+                else "partly consistent with" if c["higher"] else "neutral on")
+        explanation = f"is {word} the paper's explanation (the model with more similar adjacent layers spreads its latents over more layers)"
+    return (f"the larger model has {spread}, and {similar} similar adjacent layers; across the two models this "
+            f"{explanation}; two models of different families are a weak test of a size trend")

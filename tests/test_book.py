@@ -21,7 +21,7 @@ import nbformat  # noqa: E402
 import yaml  # noqa: E402
 
 from book import Results, baseline_dirs, lens_dir, load_profile, number_tokens, repo_root, run_dirs, train_status  # noqa: E402
-from book.build import NOTEBOOKS, build, check_numbers, execute, fetch, page_text, verify_sources  # noqa: E402
+from book.build import NOTEBOOKS, build, check_numbers, execute, fetch, page_text, profile_notebooks, verify_sources  # noqa: E402
 from book.results import fmt_number  # noqa: E402
 from mlsae.train import parse_args  # noqa: E402
 
@@ -38,9 +38,11 @@ def smoke_book(tmp_path_factory):
         out, runs = base / "out", base / "runs"
         fetch("smoke")
         timings = {}
-        for name in NOTEBOOKS:
+        # the model-size chapter's second model (profile smoke-neox) runs into its own temporary folders
+        compare = {"compare_dirs": {"smoke-neox": [str(base / "out-neox"), str(base / "runs-neox")]}}
+        for name in profile_notebooks("smoke"):
             start = time.perf_counter()
-            execute(name, "smoke", out_dir=str(out), runs_dir=str(runs))
+            execute(name, "smoke", out_dir=str(out), runs_dir=str(runs), parameters=compare if name == "model_size" else None)
             timings[name] = time.perf_counter() - start
         start = time.perf_counter()
         index = build("smoke", str(out), check=False)
@@ -163,6 +165,15 @@ def test_chapters_show_figures_and_verdicts(smoke_book):
     ev = page_text(html / "evaluation.html")
     assert "agrees with the paper" in ev or "disagrees with the paper" in ev
     assert "Traceback" not in ld
+    size = page_text(html / "model_size.html")
+    assert "the larger model has" in size and "a weak test of a size trend" in size
+    assert "tiny-gpt_neox-6l-d96" in size and "tiny-llama-4l" in size  # the larger model second
+
+
+def test_profile_notebooks():
+    assert "model_size" not in profile_notebooks("default")  # it has no second model to compare with
+    assert profile_notebooks("gemma") == NOTEBOOKS and profile_notebooks("smoke") == NOTEBOOKS
+    assert list(load_profile("gemma").section("compare")["profiles"]) == ["default"]
 
 
 def test_every_number_in_the_book_was_recorded(smoke_book):
