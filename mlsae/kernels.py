@@ -9,7 +9,7 @@ the TopK touches only the k (plus AuxK) selected latents of each vector:
             CPU whose bf16 product is measured (mlsae.precision) to be fast enough, latents are
             ranked by a bf16 product and the best 3k rescored in fp32 under a proven error bound
             (the same TopK; 1.4-2.6x faster where bf16 GEMMs are 4x faster). ``encode_path`` says which.
-- decode:   out[i] = sum_j values[i, j] * W_dec[indices[i, j]]           (embedding_bag)
+- decode:   out[i] = sum_j values[i, j] * W_dec[indices[i, j]]           (gathers of W_dec's rows)
 - backward: grad_W[f] = sum over (i, j) with indices[i, j] == f of g[i, j] * x[i]   (scatter)
             grad_x[i] = sum_j g[i, j] * W_enc[indices[i, j]]            (embedding_bag)
             grad_b    = -sum_f (sum of g at f) * W_enc[f]              (no per-vector pass)
@@ -486,14 +486,14 @@ def project_rows_(g: Tensor, w: Tensor) -> None:
 
 
 class _SparseDecode(torch.autograd.Function):
-    """embedding_bag forward; backward in one C pass over the output gradient (no sort, no [N*k, d] temporaries)."""
+    """The C decode forward (blocked for L2); backward in one C pass over the output gradient (no
+    [N*k, d] temporaries)."""
 
     @staticmethod
     def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor, sort: native.IndexSort | None) -> Tensor:
         ctx.save_for_backward(values, indices, W_dec)
         ctx.sort = sort
-        with torch.autocast(W_dec.device.type, enabled=False):
-            return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+        return native.decode(values, indices, W_dec)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):

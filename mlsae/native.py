@@ -319,6 +319,15 @@ def decode_backward(values: Tensor, indices: Tensor, grad_out: Tensor, W: Tensor
     return grad_W, grad_v
 
 
+def decode(values: Tensor, indices: Tensor, W: Tensor, l2_bytes: int = 0) -> Tensor:
+    """``out[i] = sum_j values[i, j] * W[indices[i, j]]`` [n, d] (fp32), j in order; by blocks of
+    columns where a block of W fits in half of ``l2_bytes`` (0: this machine's L2)."""
+    n, k = indices.shape
+    out = torch.empty(n, W.shape[1], dtype=torch.float32)
+    lib().mlsae_decode(values, indices, W, n, k, W.shape[1], W.shape[0], out, l2_bytes, _threads())
+    return out
+
+
 def gather_dot(indices: Tensor, W: Tensor, G: Tensor) -> Tensor:
     """``out[i, j] = <W[indices[i, j]], G[i]>``."""
     n, k = indices.shape

@@ -326,6 +326,18 @@ def test_native_scatter_and_decode_backward():
 
 
 @native_only
+@pytest.mark.parametrize("l2_bytes", [1, 2 * 70 * 4 * 48, 0], ids=["whole rows", "blocks of columns", "this machine"])
+def test_native_decode_matches_embedding_bag(l2_bytes):
+    """The C decode, by whole rows or by blocks of columns (48 of 200, then a tail of 8), sums the
+    same products in the same order as embedding_bag."""
+    g = torch.Generator().manual_seed(4)
+    v, W = torch.randn(333, 7, generator=g), torch.randn(70, 200, generator=g)
+    idx = torch.randint(0, 70, (333, 7), generator=g)
+    torch.testing.assert_close(native.decode(v, idx, W, l2_bytes), F.embedding_bag(idx, W, per_sample_weights=v, mode="sum"),
+                               rtol=1e-6, atol=1e-5)
+
+
+@native_only
 def test_native_scatters_do_not_depend_on_threads():
     """Entries are summed in their original order whatever the thread count (1 vs 2 processes agree)."""
     g = torch.Generator().manual_seed(2)
@@ -337,7 +349,8 @@ def test_native_scatters_do_not_depend_on_threads():
         results = []
         for n in (1, 3):
             torch.set_num_threads(n)
-            results.append((*native.scatter_rows(w, idx, x, 70, with_sum=True), *native.decode_backward(w, idx, x, W)))
+            results.append((*native.scatter_rows(w, idx, x, 70, with_sum=True), *native.decode_backward(w, idx, x, W),
+                            native.decode(w, idx, W, 1), native.decode(w, idx, W, 2 * 70 * 4 * 48)))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):
