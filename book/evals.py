@@ -7,7 +7,7 @@ import pandas as pd
 from mlsae.analysis.tables import PER_LAYER
 from mlsae.evaluate import COLUMNS
 
-LABELS = {"fvu": "FVU", "mse": "MSE", "l0": "L0", "l1": "L1", "dead": "silent", "delta_ce": "ΔCE", "kl": "KL",
+LABELS = {"fvu": "FVU", "fvu_centred": "centred FVU", "mse": "MSE", "l0": "L0", "l1": "L1", "dead": "silent", "delta_ce": "ΔCE", "kl": "KL",
           "ce_recovered": "CE recovered", "ce_spliced": "CE spliced", "ce_zero": "CE zero-ablated",
           "excluded_variance": "variance left out"}
 # metric -> (column prefix in mlsae.evaluate's results, label in the book)
@@ -16,6 +16,9 @@ METRICS = {metric: (COLUMNS[metric], label) for metric, label in LABELS.items()}
 DEFINITIONS = {
     "FVU": "fraction of variance unexplained: sum of squared reconstruction errors over the sum of squared "
            "deviations of the layer's inputs from their mean (one scalar mean per layer)",
+    "centred FVU": "the same squared errors over the sum of squared deviations from the layer's mean vector (one "
+                   "mean per feature): a direction that every token shares (a large one in some models' residual "
+                   "streams) counts as variance in FVU, not here",
     "MSE": "mean squared reconstruction error per element",
     "L0": "latents active per vector (activation above the dead threshold; at most k)",
     "L1": "sum of latent activations per vector",

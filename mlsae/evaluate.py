@@ -82,7 +82,7 @@ class _Member:
 
     def __post_init__(self) -> None:
         n, latents = len(self.layers), self.sae.config.n_latents
-        self.recon = ReconstructionMetrics(n, latents, self.sae.config.dead_threshold)
+        self.recon = ReconstructionMetrics(n, self.sae.config.dead_threshold)
         self.down = DownstreamMetrics(n)
         self.excluded = ExcludedShare(n)
         self.dists = DistsAccumulator(n, latents, self.sae.config.dead_threshold)
@@ -90,7 +90,8 @@ class _Member:
 
     def result(self, seconds: float) -> Evaluation:
         down = self.down.compute() if self.down.tokens else None
-        results = columns(self.layers, {**self.recon.compute(), **self.excluded.compute()}, down)
+        fired = self.dists.counts > 0
+        results = columns(self.layers, {**self.recon.compute(fired), **self.excluded.compute()}, down)
         return Evaluation(results, self.dists.result(self.layers, int(self.recon.vectors[0])), seconds)
 
 
@@ -194,7 +195,7 @@ def downstream(transformer: Transformer, ids, layers: list[int], logits, members
 
 # Reference column prefixes for each metric; the rest are this project's additions.
 COLUMNS = {
-    "fvu": "train/fvu", "mse": "train/mse", "l1": "train/l1", "l0": "train/l0", "dead": "train/dead",
+    "fvu": "train/fvu", "fvu_centred": "train/fvu_centred", "mse": "train/mse", "l1": "train/l1", "l0": "train/l0", "dead": "train/dead",
     "delta_ce": "val/loss/delta", "kl": "val/logit/kldiv", "logit_mse": "val/logit/mse",
     "ce_spliced": "val/loss/spliced", "ce_zero": "val/loss/zero", "ce_recovered": "val/loss/recovered",
     "excluded_variance": "excluded/variance",

@@ -3,6 +3,10 @@
 Definitions (per layer l; "avg" columns average over layers):
 - FVU: sum of squared reconstruction errors / sum of squared deviations of the inputs from
   their mean (one scalar mean over all elements of layer l, as in the reference).
+- centred FVU: the same errors / sum of squared deviations from the layer's mean vector (one
+  mean per feature). Where every token shares a large constant direction (Gemma's residual
+  stream: the norm of the mean vector is most of every vector's norm), the reference's FVU counts
+  that direction as variance explained; the centred FVU does not.
 - MSE: mean squared reconstruction error per element.
 - L0: mean number of latents per vector with activation > dead_threshold (at most k).
 - L1: mean sum of latent activations per vector.
@@ -57,13 +61,14 @@ def cross_entropy(logits: Tensor, ids: Tensor) -> Tensor:
     return _next_token_nll(lse.view(logits.shape[:-1]), logits, ids)
 
 class ReconstructionMetrics:
-    """Accumulates FVU, MSE, L0, L1 and dead latents per layer."""
+    """Accumulates FVU, MSE, L0 and L1 per layer; dead latents from where latents fired (counted by the
+    caller's ``mlsae.analysis.dists.DistsAccumulator``, which the evaluation keeps anyway)."""
 
-    def __init__(self, n_layers: int, n_latents: int, dead_threshold: float):
+    def __init__(self, n_layers: int, dead_threshold: float):
         z = lambda: torch.zeros(n_layers, dtype=torch.float64)  # noqa: E731
         self.sse, self.sum, self.sum_sq, self.elements = z(), z(), z(), z()
         self.l0, self.l1, self.vectors = z(), z(), z()
-        self.fired = torch.zeros(n_layers, n_latents, dtype=torch.bool)
+        self.feature_sum: Tensor | None = None  # [L, d], for the centred FVU's per-feature means
         self.dead_threshold = dead_threshold
 
     @torch.no_grad()
@@ -72,27 +77,31 @@ class ReconstructionMetrics:
         x, recon = x.double(), recon.double()
         self.sse += (recon - x).pow(2).sum((1, 2)).cpu()
         self.sum += x.sum((1, 2)).cpu()
+        feature_sum = x.sum(1).cpu()
+        self.feature_sum = feature_sum if self.feature_sum is None else self.feature_sum + feature_sum
         self.sum_sq += x.pow(2).sum((1, 2)).cpu()
         self.elements += x[0].numel()
         active = topk.values > self.dead_threshold
         self.l0 += active.sum((1, 2)).double().cpu()
         self.l1 += topk.values.double().sum((1, 2)).cpu()
         self.vectors += x.shape[1]
-        L = x.shape[0]
-        idx = topk.indices.reshape(L, -1).cpu()
-        self.fired.scatter_(1, idx, self.fired.gather(1, idx) | active.reshape(L, -1).cpu())
 
-    def compute(self) -> dict[str, Tensor]:
-        var = self.sum_sq / self.elements - (self.sum / self.elements) ** 2
+    def compute(self, fired: Tensor) -> dict[str, Tensor]:
+        """The metrics per layer; ``fired [L, F]``: whether each latent fired at each layer."""
+        mean_sq = self.sum_sq / self.elements
+        var = mean_sq - (self.sum / self.elements) ** 2
+        centred_var = mean_sq - (self.feature_sum / self.vectors[:, None]).pow(2).mean(1)
         mse = self.sse / self.elements
-        dead = (~self.fired).double().mean(1)
+        fired = fired.cpu()
+        dead = (~fired).double().mean(1)
         return {
             "fvu": mse / var,
+            "fvu_centred": mse / centred_var,
             "mse": mse,
             "l0": self.l0 / self.vectors,
             "l1": self.l1 / self.vectors,
             "dead": dead,
-            "dead_overall": (~self.fired.any(0)).double().mean(),
+            "dead_overall": (~fired.any(0)).double().mean(),
         }
 
 

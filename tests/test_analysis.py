@@ -453,16 +453,19 @@ def test_resid_matches_brute_force(tiny, cache, tiny_llama):
         acts = tiny_llama.residuals(chunks, [0, 1, 2]).double()
     x = acts[:, kept]
     assert tokens == x.shape[1]
-    # Why the first position is left out: its norms and share of the variance, over non-special positions.
+    # Why the first position is left out: its norms (special or not) and share of the variance, with the
+    # other non-special positions.
     first = torch.zeros_like(special)
     first[:, 0] = True
-    rest = acts[:, ~special]
+    counted = first | ~special
+    rest = acts[:, counted]
     sq_dev = (rest - rest.mean((1, 2), keepdim=True)).pow(2).sum(-1)  # [L, N]
-    share = sq_dev[:, first[~special]].sum(1) / sq_dev.sum(1)
+    share = sq_dev[:, first[counted]].sum(1) / sq_dev.sum(1)
     for l in range(3):
-        assert df["norm_first"][l] == pytest.approx(acts[l][first & ~special].norm(dim=-1).mean().item(), rel=1e-5)
+        assert df["norm_first"][l] == pytest.approx(acts[l][first].norm(dim=-1).mean().item(), rel=1e-5)
         assert df["norm_rest"][l] == pytest.approx(acts[l][~first & ~special].norm(dim=-1).mean().item(), rel=1e-5)
         assert df["first_variance_share"][l] == pytest.approx(share[l].item(), rel=1e-5)
+        assert df["first_special"][l] == pytest.approx(special[:, 0].float().mean().item())
     norms = x.norm(dim=-1)
     c = x - x.mean(1, keepdim=True)
     for l in range(3):

@@ -208,6 +208,13 @@ def test_bos_model_chunks_and_metrics(tmp_path):
     recon, _ = sae(x)
     fvu = (recon - x).pow(2).sum() / (x - x.mean()).pow(2).sum()
     assert results["train/fvu/layer_0"] == pytest.approx(fvu.item(), rel=1e-4)
+    # the residual geometry measures the first position all the same: here every one is the BOS
+    from mlsae.analysis import resid
+    from mlsae.transformer import Transformer
+
+    df, _ = resid.resid_stats(Transformer(model, tokenizer), ids, [0, 1], batch_size=4, precision="fp32")
+    assert (df["first_special"] == 1.0).all()
+    assert df["norm_first"][0] == pytest.approx(h[:, 0].norm(dim=-1).mean().item(), rel=1e-4)
 
 
 def test_cli_writes_csv_and_json(tiny):

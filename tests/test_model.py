@@ -6,8 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mlsae.analysis.dists import DistsAccumulator
 from mlsae.metrics import DownstreamMetrics, ReconstructionMetrics, cross_entropy, fvu
 from mlsae.formats import mlsae_name
+from mlsae.kernels import TopK
 from mlsae.lens import TunedLens
 from mlsae.model import MLSAE, SAEConfig, geometric_median
 from mlsae.positions import PositionRule
@@ -48,13 +50,17 @@ def test_reconstruction_metrics_accumulate_exactly():
     torch.manual_seed(0)
     sae = make()
     x = torch.randn(2, 50, 16) * 3 + 1
-    m = ReconstructionMetrics(2, sae.config.n_latents, sae.config.dead_threshold)
+    m = ReconstructionMetrics(2, sae.config.dead_threshold)
+    counts = DistsAccumulator(2, sae.config.n_latents, sae.config.dead_threshold)  # where latents fired, as evaluate keeps it
     for part in x.split(7, dim=1):
         recon, topk = sae(part)
         m.update(part, recon, topk)
+        counts.add(topk.values, topk.indices)
     recon, topk = sae(x)
-    out = m.compute()
+    out = m.compute(counts.counts > 0)
     torch.testing.assert_close(out["fvu"].float(), fvu(x, recon), rtol=1e-5, atol=1e-6)
+    centred = (recon - x).pow(2).sum((1, 2)) / (x - x.mean(1, keepdim=True)).pow(2).sum((1, 2))
+    torch.testing.assert_close(out["fvu_centred"].float(), centred, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["mse"].float(), (recon - x).pow(2).mean((1, 2)), rtol=1e-5, atol=1e-6)
     active = topk.values > 1e-3
     torch.testing.assert_close(out["l0"].float(), active.sum(-1).float().mean(-1))
@@ -65,6 +71,24 @@ def test_reconstruction_metrics_accumulate_exactly():
         fired[layer, topk.indices[layer][active[layer]]] = True
     torch.testing.assert_close(out["dead"], (~fired).double().mean(1))
     assert out["dead_overall"] == (~fired.any(0)).double().mean()
+
+
+def test_centred_fvu_ignores_a_direction_every_token_shares():
+    """A large constant vector added to inputs and reconstructions alike (Gemma's residual stream) makes
+    the reference's FVU small, with the errors unchanged; the centred FVU stays where it was."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 500, 8)
+    recon = x + 0.3 * torch.randn_like(x)
+    topk = TopK(torch.ones(1, 500, 1), torch.zeros(1, 500, 1, dtype=torch.long))
+    shared = torch.zeros(8)
+    shared[0] = 100.0
+    out = {}
+    for name, shift in (("plain", 0.0), ("shared", shared)):
+        m = ReconstructionMetrics(1, 0.0)
+        m.update(x + shift, recon + shift, topk)
+        out[name] = m.compute(torch.ones(1, 1, dtype=torch.bool))
+    assert out["shared"]["fvu"] < out["plain"]["fvu"] / 50
+    torch.testing.assert_close(out["shared"]["fvu_centred"], out["plain"]["fvu_centred"], rtol=1e-6, atol=0)
 
 
 def test_downstream_metrics():

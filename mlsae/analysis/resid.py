@@ -12,10 +12,12 @@ MLSAE reads them):
 - ``cos_next_raw``: the same without centring;
 - with a tuned lens (``--tuned_lens``), ``cos_next_lens`` and ``cos_next_raw_lens``: the same two of
   the residuals translated into the final layer's basis (``mlsae.lens``), as a tuned-lens MLSAE reads them;
-- why the first position is left out: over every non-special position, ``norm_first`` and
-  ``norm_rest``, the mean norm at the first position of a sequence and at the others, and
-  ``first_variance_share``, the first positions' share of the layer's variance (their squared
-  deviations from the layer's scalar mean over the total, as in FVU's denominator).
+- why the first position is left out: ``norm_first``, the mean norm at the first position of a
+  sequence (special or not: where the tokenizer adds a BOS, that BOS), ``norm_rest``, the mean norm
+  at the other non-special positions, ``first_variance_share``, the first positions' share of the
+  variance of those positions together (their squared deviations from the scalar mean over the
+  total, as in FVU's denominator), and ``first_special``, the share of sequences whose first
+  position holds a special token (the same at every layer).
 
 The means must be known before any centred cosine is taken, so the data is read twice (means and
 norms, then cosines): exact, at twice the cost of one forward pass. Files: ``resid.csv`` (one
@@ -90,27 +92,32 @@ class CentredCosines:
 
 
 class FirstPosition:
-    """Norms at the first position against the rest, and its share of the variance (non-special positions)."""
+    """Norms at the first position (special or not) against the other non-special positions, and its
+    share of their variance."""
 
     def __init__(self, n_layers: int):
         self.share = ExcludedShare(n_layers)
         self.norm_sum = torch.zeros(2, n_layers, dtype=torch.float64)  # first, rest
         self.count = torch.zeros(2, dtype=torch.float64)
+        self.first_special = 0
 
     def update(self, acts: Tensor, special: Tensor) -> None:
         """``acts [L, B, P, d]`` of every position, ``special [B, P]``."""
         first = torch.zeros_like(special)
         first[:, 0] = True
+        counted = first | ~special
         norms = acts.float().norm(dim=-1)
-        for row, mask in ((0, first & ~special), (1, ~first & ~special)):
+        for row, mask in ((0, first), (1, counted & ~first)):
             self.norm_sum[row] += norms[:, mask].double().sum(1).cpu()
             self.count[row] += int(mask.sum())
-        self.share.update(acts[:, ~special][:, None], ~first[~special][None])
+        self.share.update(acts[:, counted][:, None], ~first[counted][None])
+        self.first_special += int(special[:, 0].sum())
 
     def columns(self) -> dict[str, Tensor]:
         means = self.norm_sum / self.count.clamp_min(1)[:, None]
         return {"norm_first": means[0], "norm_rest": means[1],
-                "first_variance_share": self.share.compute()["excluded_variance"]}
+                "first_variance_share": self.share.compute()["excluded_variance"],
+                "first_special": torch.full_like(means[0], self.first_special / max(self.count[0].item(), 1))}
 
 
 def frame(layers: list[int], moments: ResidMoments, centred: CentredCosines) -> pd.DataFrame:
