@@ -67,6 +67,8 @@ def test_toc_and_notebooks_agree():
         assert len(tagged) == 1, f"{name}: needs exactly one papermill 'parameters' cell"
         assert "profile" in tagged[0].source
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name}: commit it without outputs"
+        raw = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+        assert all("id" in c for c in raw["cells"]), f"{name}: every cell needs an id (nbformat 4.5)"
 
 
 def test_every_notebook_executed(smoke_book):
