@@ -132,7 +132,7 @@ def compare(clean: CleanLogits, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]
     so no log-softmax of ``logits`` is ever stored."""
     flat = logits.reshape(-1, logits.shape[-1])
     lse, kl = clean.lse.new_empty(len(flat)), clean.lse.new_empty(len(flat))
-    sse = torch.zeros((), dtype=torch.float64)
+    sse = torch.zeros((), dtype=torch.float64, device=flat.device)
     for a, b in _chunks(len(flat)):
         d = flat[a:b].to(torch.float32, copy=True)  # a copy: d is computed in place
         lse[a:b] = torch.logsumexp(d, -1)
@@ -174,7 +174,7 @@ class DownstreamMetrics:
         lse, kl, sse = compare(self._clean, spliced)
         self.ce_spliced[i] += _next_token_nll(lse.view(ids.shape), spliced, ids).double().sum().cpu()
         self.kl[i] += kl.double().sum().cpu()
-        self.logit_sse[i] += sse
+        self.logit_sse[i] += sse.cpu()
 
     def update_zero(self, i: int, ce_sum: Tensor) -> None:
         """Layer ``i``'s summed cross-entropy with zeros spliced in, for the same batch."""

@@ -507,6 +507,31 @@ def test_resid_decoder_prompt_clis(tiny, cache, capsys):
     assert (np.diff(centres) >= 0).all()
 
 
+@pytest.mark.gpu
+def test_analyses_on_cuda_match_cpu(tiny, cache):
+    """The shared pass's analyses, the residual geometry, the decoder geometry and a prompt heatmap
+    on CUDA (fp32): the CPU's files."""
+    sae_dir = str(tiny / "mlsae-tiny-x1-k6")
+    model_name = json.loads((tiny / "mlsae-tiny-x1-k6" / "config.json").read_text())["model_name"]
+    data = ["--path", str(tiny / "test.jsonl"), "--max_length", "16", "--max_tokens", "256", "--precision", "fp32"]
+    outs = {}
+    for device in ("cpu", "cuda"):
+        out = outs[device] = tiny / f"on-{device}"
+        run(RunOptions(sae=sae_dir, data=DataOptions(path=str(tiny / "test.jsonl"), max_length=16, max_tokens=256,
+                                                     precision="fp32", device=device), n_examples=4, out_dir=str(out)))
+        resid.main(["--model_name", model_name, *data, "--device", device, "--out_dir", str(out)])
+        decoder.main(["--sae", sae_dir, "--device", device, "--out_dir", str(out)])
+        prompt.main(["--sae", sae_dir, "--device", device, "--out_dir", str(out), "--prompt", "The cat sat on the mat."])
+    cpu, gpu = (dists.Dists.load(outs[d]) for d in ("cpu", "cuda"))
+    torch.testing.assert_close(gpu.counts, cpu.counts)
+    torch.testing.assert_close(gpu.totals, cpu.totals, rtol=1e-4, atol=1e-6)
+    for name in ("variances.csv", "resid.csv", "decoder.csv", "prompt.csv"):
+        a, b = (pd.read_csv(outs[d] / name) for d in ("cpu", "cuda"))
+        pd.testing.assert_frame_equal(b, a, check_exact=False, rtol=1e-3, atol=1e-5, obj=name)
+    a, b = (np.sort(examples.load_examples(outs[d]).table.column("activation").to_numpy()) for d in ("cpu", "cuda"))
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_prompt_heatmap_on_tiny_model(tiny, tiny_llama):
     sae = MLSAE.from_pretrained(tiny / "mlsae-tiny-x1-k6")
     heat = prompt.prompt_heatmap(sae, tiny_llama, "The cat sat on the mat.")

@@ -160,6 +160,21 @@ def test_position_rule_in_metrics(tiny):
     assert everything["train/fvu/avg"] != pytest.approx(results["train/fvu/avg"])
 
 
+@pytest.mark.gpu
+def test_cuda_evaluation_matches_cpu(tiny):
+    """Every metric on CUDA (fp32) as on the CPU, with the default position rule, and in bf16 near it;
+    the dead-latent counts agree exactly."""
+    cfg = EvalConfig(sae=str(tiny / "sae"), path=str(tiny / "test.jsonl"), split="test", max_length=32,
+                     batch_size=4, max_tokens=512, downstream_tokens=512, precision="fp32", device="cpu")
+    cpu, gpu = evaluate(cfg), evaluate(replace(cfg, device="cuda"))
+    assert gpu.results.keys() == cpu.results.keys()
+    for key, value in cpu.results.items():
+        assert gpu.results[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    assert torch.equal(gpu.dists.counts.cpu(), cpu.dists.counts)
+    low = evaluate(replace(cfg, device="cuda", precision="bf16")).results
+    assert low["train/fvu/avg"] == pytest.approx(cpu.results["train/fvu/avg"], rel=0.05)
+
+
 def test_evaluations_sharing_a_pass_equal_each_alone(tiny):
     """evaluate_many: SAEs of other layers, rules, spliced-token budgets and zero ablation in one
     pass (one transformer forward per batch, zeros spliced once per layer) give what each gives alone."""

@@ -225,6 +225,23 @@ def test_tuned_lens_mlsae_in_the_explorer(tiny_llama):
     expected = factor * run.scale[layer] * sae.W_dec[latent].detach()
     torch.testing.assert_close(step[kept], expected[kept], rtol=1e-3, atol=1e-4)
 
+@pytest.mark.gpu
+def test_explorer_on_cuda_matches_cpu(tiny_model_dir, tiny_llama):
+    """Every view's values from an explorer on CUDA (fp32) as on the CPU."""
+    from mlsae.explorer.core import load_explorer
+
+    cpu, gpu = (load_explorer(_sae(tiny_llama), tiny_model_dir("llama"), device=device, precision="fp32")
+                for device in ("cpu", "cuda"))  # an MLSAE each (same seed): .to() moves a module in place
+    a, b = cpu.submit(PROMPT), gpu.submit(PROMPT)
+    assert torch.equal(b.topk.indices.cpu(), a.topk.indices)
+    for name in ("resid", "recon", "logits"):
+        torch.testing.assert_close(getattr(b, name).cpu(), getattr(a, name), rtol=1e-4, atol=1e-4)
+    for view in (lambda ex, run: ex.recon_logits(run, 1), lambda ex, run: ex.steered_logits(run, 1, 17, 4.0),
+                 lambda ex, run: ex.latent_acts(run, int(a.topk.indices[1, 3, 0]))):
+        torch.testing.assert_close(view(gpu, b).cpu(), view(cpu, a), rtol=1e-4, atol=1e-4)
+    assert [t.token_id for t in gpu.logits_recon(b, 1, 6).increases] == [t.token_id for t in cpu.logits_recon(a, 1, 6).increases]
+
+
 def test_edited_logits_are_cached(explorer, monkeypatch):
     run = explorer.submit(PROMPT)
     calls = []

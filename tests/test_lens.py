@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,27 @@ def test_fitted_lens_lowers_the_kl_on_held_out_text(tiny, tmp_path, recipe):
     back = TunedLens.load(tmp_path)
     assert back.layers == [0, 1, 2] and back.model_name == cfg.model_name
     torch.testing.assert_close(back.weight, lens.weight.detach())
+
+
+@pytest.mark.gpu
+def test_lens_fit_on_cuda_matches_cpu(tiny, tmp_path):
+    """The least-squares lens fitted on CUDA: the translators and held-out KLs of the CPU fit."""
+    cfg = LensConfig(model_name=str(tiny / "tiny"), path=str(tiny), max_length=32, batch_size=4, max_tokens=4096,
+                     lstsq_tokens=4096, start="lstsq", fine_tune=False, precision="fp32", device="cpu",
+                     out_dir=str(tmp_path))
+    fits = {}
+    for device in ("cpu", "cuda"):
+        model, tokenizer = load_transformer(str(tiny / "tiny"), device=device)
+        transformer = Transformer(model, tokenizer)
+        lens = fit(cfg, transformer)
+        kl = kl_per_layer(transformer, lens, _batches(cfg, transformer, "val", 1024), PositionRule(), "fp32")
+        fits[device] = lens.weight.detach().cpu(), kl.cpu()
+    torch.testing.assert_close(fits["cuda"][0], fits["cpu"][0], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(fits["cuda"][1], fits["cpu"][1], rtol=1e-3, atol=1e-5)
+    sgd = replace(cfg, start="identity", fine_tune=True, optimizer="sgd", lr=1.0, tokens_per_step=256)
+    lens, held_out = fit(sgd, transformer), _batches(cfg, transformer, "val", 1024)  # the tuned-lens paper's, on CUDA
+    identity = kl_per_layer(transformer, lens, held_out, PositionRule(), "fp32", identity=True)
+    assert (kl_per_layer(transformer, lens, held_out, PositionRule(), "fp32")[:-1] < 0.8 * identity[:-1]).all()
 
 
 def test_least_squares_start_is_the_least_squares_fit(tiny):
