@@ -90,6 +90,25 @@ def lens_comparison(stats: dict[str, dict[str, float]], uniform_std_rel: float):
     return table, agree and close
 
 
+# The tuned-lens copy tests claim 4 only while it still reconstructs the raw residuals: its FVU after
+# the inverse translation below this, i.e. better than predicting every element by its layer's mean.
+# An ill-conditioned lens (Gemma 3 270M's least-squares translators reach condition numbers near 1e7)
+# magnifies the copy's errors past it, and the statistics of such an MLSAE describe latents that no
+# longer preserve the model.
+LENS_MAX_RAW_FVU = 1.0
+
+
+def lens_verdict(findings, similar: bool, raw_fvu: float) -> str:
+    """The tuned-lens chapter's verdict: ``findings`` and ``similar`` from ``lens_comparison``,
+    ``raw_fvu``: the copy's FVU in the raw space (mean over layers)."""
+    if not raw_fvu < LENS_MAX_RAW_FVU:
+        return ("not tested: the tuned-lens copy does not reconstruct the raw residuals (after the inverse "
+                "translation it does worse than predicting every element by its layer's mean), so its statistics are no test of the claim")
+    return f"{'agrees' if similar else 'differs'}: " + "; ".join(
+        f"{finding.lower()} {'for both' if row.all() else 'for neither' if not row.any() else 'for one only'}"
+        for finding, row in findings.iterrows())
+
+
 # The paper's claim 3 across models: the statistics it reports as larger in larger models (a
 # ModelSide.statistics key starts with one of these; the multi-layer ones come per threshold).
 SIZE_SPREAD = ("share at several layers", "mean layers / layers", "layer std / layers")

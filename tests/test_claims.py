@@ -2,7 +2,7 @@
 
 import pytest
 
-from book.claims import lens_comparison, size_comparison, size_verdict
+from book.claims import lens_comparison, lens_verdict, size_comparison, size_verdict
 
 UNIFORM = 0.29  # a latent spread evenly over many layers: std / layers about 1 / sqrt(12)
 
@@ -23,6 +23,15 @@ def test_lens_comparison_differs_when_a_finding_flips_or_the_spread_doubles():
     assert not similar  # the per-token finding flips
     table, similar = lens_comparison({"plain": stats(0.02, 30.0), "tuned lens": stats(0.05, 30.0)}, UNIFORM)
     assert table.all().all() and not similar  # both hold, but one spreads 2.5x as far
+
+
+def test_lens_verdict_needs_a_copy_that_reconstructs():
+    table, similar = lens_comparison({"plain": stats(0.05, 30.0), "tuned lens": stats(0.20, 30.0)}, UNIFORM)
+    verdict = lens_verdict(table, similar, raw_fvu=0.2)
+    assert verdict.startswith("differs: latents are specific to a few layers for one only;")
+    assert verdict.endswith("wider than per token for both")
+    assert lens_verdict(table, similar, raw_fvu=21991.9).startswith("not tested: the tuned-lens copy does not reconstruct")
+    assert lens_verdict(table, similar, raw_fvu=float("nan")).startswith("not tested")
 
 
 def size_stats(share1: float, share10: float, cos: float) -> dict[str, float]:
