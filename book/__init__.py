@@ -26,6 +26,7 @@ from book.stages import (
     ensure_evaluated_many,
     ensure_lens,
     ensure_resid,
+    resid_dir,
     ensure_trained,
     eval_dists_path,
     eval_path,
@@ -63,6 +64,6 @@ def setup(profile: str = "default", *, quiet: bool = True) -> Profile:
 
 
 __all__ = [
-    "PAPER", "EvalConfig", "claims", "analysis_dir", "data_options", "ensure_analysis_pass", "ensure_decoder", "ensure_resid", "Profile", "Results", "ensure_evaluated", "ensure_evaluated_many", "ensure_lens", "lens_dir", "ensure_trained", "eval_dists_path", "eval_path", "fmt_number",
+    "PAPER", "EvalConfig", "claims", "analysis_dir", "data_options", "ensure_analysis_pass", "ensure_decoder", "ensure_resid", "resid_dir", "Profile", "Results", "ensure_evaluated", "ensure_evaluated_many", "ensure_lens", "lens_dir", "ensure_trained", "eval_dists_path", "eval_path", "fmt_number",
     "load_profile", "main_run", "ratio_verdict", "number_tokens", "profile_path", "read_metrics", "recipe_study", "repo_root", "run_dirs", "baseline_dirs", "sae_config", "sae_positions", "setup", "train_status", "write_tables",
 ]

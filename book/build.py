@@ -301,6 +301,9 @@ def build(profile: str = "default", out_dir: str | None = None, *, check: bool =
         if problems:
             listing = "\n".join(f"  {page}: {token!r} in ...{context}..." for page, token, context in problems[:30])
             raise MLSAEError(f"{len(problems)} number(s) in the book come from no recorded result:\n{listing}")
+        bad = verify_sources(out)
+        if bad:
+            raise MLSAEError(f"{len(bad)} number(s) in the book differ from the file they name:\n  " + "\n  ".join(bad[:30]))
     return html / "index.html"
 
 
@@ -346,7 +349,8 @@ def check_numbers(html_dir: str | Path, results_dir: str | Path) -> list[tuple[s
 
 
 def verify_sources(out_dir: str | Path) -> list[str]:
-    """Recorded numbers that name a source file: those whose value differs from the file's."""
+    """Recorded numbers that name a source file: those whose value differs from the file's, or whose
+    file is missing."""
     import math
 
     out = Path(out_dir)
@@ -355,6 +359,9 @@ def verify_sources(out_dir: str | Path) -> list[str]:
         for key, item in json.loads(path.read_text()).get("items", {}).items():
             src = item.get("source")
             if not src:
+                continue
+            if not (out / src["file"]).is_file():
+                bad.append(f"{path.name}:{key} names {src['file']}, which is missing")
                 continue
             value = json.loads((out / src["file"]).read_text())
             for k in src["keys"]:

@@ -273,6 +273,11 @@ def analysis_dir(out_dir: str | Path, sae_folder: str | Path) -> Path:
     return Path(out_dir) / "analysis" / sae_name(sae_folder)
 
 
+def resid_dir(out_dir: str | Path, model_name: str) -> Path:
+    """Where the residual-stream geometry of one transformer goes: ``<out>/analysis/resid-<model>``."""
+    return Path(out_dir) / "analysis" / f"resid-{sae_name(model_name)}"
+
+
 def data_options(analysis: dict):
     """``mlsae.analysis`` data options from a profile's ``analysis`` section."""
     from dataclasses import fields
@@ -306,12 +311,12 @@ def ensure_resid(model_name: str, out_dir: str | Path, analysis: dict,
     ``resid_tokens`` held-out tokens (with ``lens``, a tuned lens's folder: the translated residuals'
     cosines too), unless made with the same options, code and lens.
 
-    Returns ``(per-layer table, resid.json, info)``; files in ``<out>/analysis/resid-<model>``.
+    Returns ``(per-layer table, resid.json, info)``; files in ``resid_dir(out_dir, model_name)``.
     """
     from mlsae.analysis import resid
 
     data = data_options({**analysis, "max_tokens": analysis.get("resid_tokens", analysis.get("max_tokens"))})
-    out = Path(out_dir) / "analysis" / f"resid-{sae_name(model_name)}"
+    out = resid_dir(out_dir, model_name)
     opts = resid.ResidOptions(model_name=model_name, data=data, out_dir=str(out), tuned_lens=str(lens) if lens else None)
     inputs = (Path(lens) / "lens.safetensors",) if lens else ()
     info = cached(out, "resid", options=asdict(opts), code=RESID_CODE, inputs=inputs,

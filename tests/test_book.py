@@ -219,6 +219,8 @@ def test_sources_are_verified(tmp_path):
     assert verify_sources(tmp_path) == []
     R.num("fvu", 0.5, ".2f", source=("eval/r.json", ["results", "fvu"]))
     assert len(verify_sources(tmp_path)) == 1
+    R.num("cos", 0.25, ".2f", source=("analysis/resid-embedded:model/resid.json", ["cos"]))
+    assert verify_sources(tmp_path)[1:] == ["x.json:cos names analysis/resid-embedded:model/resid.json, which is missing"]
 
 
 def test_number_tokens_and_formats():
