@@ -20,7 +20,8 @@ layer's translator stays the identity. An MLSAE trained on translated residuals 
 layer in the final layer's basis (the paper's ``-lens`` variant, claim 4); its reconstructions map
 back through the inverse. Saved as ``lens.safetensors`` (``weight [L, d, d]``, ``bias [L, d]``;
 metadata: the layers and the model), with ``lens.json``: the options, the KL per layer of the
-identity and the tuned lens on held-out text, the condition number of each ``I + A_l`` and the seconds the fit took.
+identity and the tuned lens on held-out text, the condition number and smallest singular value of each
+``I + A_l`` and the seconds the fit took.
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ class TunedLens(nn.Module):
         made in the translated space (an MLSAE's reconstruction error, mapped back to the raw space)."""
         eye = torch.eye(self.weight.shape[-1], dtype=torch.float64, device=self.weight.device)
         return torch.linalg.cond(eye + self.weight.double())
+
+    def smallest_singular_values(self) -> Tensor:
+        """The smallest singular value of each ``I + A_l``: the inverse magnifies an error's size at most
+        one over it."""
+        eye = torch.eye(self.weight.shape[-1], dtype=torch.float64, device=self.weight.device)
+        return torch.linalg.svdvals(eye + self.weight.double())[..., -1]
 
     def rows_of(self, layers: list[int]) -> tuple[Tensor, Tensor]:
         """The translators (weight, bias) of these transformer ``layers``, which the lens must have."""
@@ -166,6 +173,11 @@ class LensConfig(DataOptions):
     largest over this): the inverse, which maps a tuned-lens MLSAE's reconstructions back to the raw space,
     then magnifies an error at most this much (the least-squares maps alone reach 1e4-1e6 on SmolLM2, at
     almost no KL cost when bounded at 100). None: no bound."""
+    min_singular: float | None = None
+    """Floor on the singular values of each translator I + A: the inverse then magnifies an error at most
+    1 / this, whatever the largest singular value (a model whose last layer holds directions hundreds of
+    times larger than its early layers', like Gemma 3, needs translators that expand those, and a bound on
+    the condition number then distorts every other direction). None: no floor."""
     optimizer: str = "adam"
     """adam, or sgd (Nesterov momentum 0.9, the tuned-lens paper's, with --lr 1)."""
     lr: float = 1e-4
@@ -186,6 +198,8 @@ class LensConfig(DataOptions):
                              f"({self.batch_size * self.max_length})")
         if self.max_tokens < self.tokens_per_step:
             raise MLSAEError(f"--max_tokens ({self.max_tokens}) is less than one step ({self.tokens_per_step} tokens)")
+        if self.min_singular is not None and self.min_singular <= 0:
+            raise MLSAEError(f"--min_singular must be positive, got {self.min_singular}")
         if self.start not in ("lstsq", "identity") or self.optimizer not in ("adam", "sgd"):
             raise MLSAEError(f"--start must be lstsq or identity and --optimizer adam or sgd, got {self.start!r} "
                              f"and {self.optimizer!r}")
@@ -210,7 +224,7 @@ def fit(cfg: LensConfig, transformer: Transformer, rule: PositionRule = Position
     transformer.requires_grad_(False)
     if cfg.start == "lstsq":
         weight, bias = least_squares(transformer, _batches(cfg, transformer, cfg.split, cfg.lstsq_tokens), layers, rule,
-                                     cfg.precision, max_condition=cfg.max_condition)
+                                     cfg.precision, max_condition=cfg.max_condition, min_singular=cfg.min_singular)
         with torch.no_grad():
             lens.weight.copy_(weight)
             lens.bias.copy_(bias)
@@ -241,9 +255,9 @@ def fit(cfg: LensConfig, transformer: Transformer, rule: PositionRule = Position
         opt.step()
         schedule.step()
         opt.zero_grad(set_to_none=True)
-    if cfg.max_condition is not None:
+    if cfg.max_condition is not None or cfg.min_singular is not None:
         with torch.no_grad():
-            lens.weight.copy_(bound_condition(lens.weight.double(), cfg.max_condition).float())
+            lens.weight.copy_(bound_singular_values(lens.weight.double(), cfg.max_condition, cfg.min_singular).float())
     return lens.eval()
 
 
@@ -252,24 +266,29 @@ def _is_last(layers: list[int], transformer: Transformer) -> Tensor:
     return torch.tensor([layer == transformer.n_layers - 1 for layer in layers], device=transformer.device)
 
 
-def bound_condition(weight: Tensor, max_condition: float) -> Tensor:
+def bound_singular_values(weight: Tensor, max_condition: float | None = None,
+                          min_singular: float | None = None) -> Tensor:
     """``A [L, d, d]`` with the singular values of each ``I + A`` raised to at least the largest over
-    ``max_condition`` (the nearest map, in every unitarily invariant norm, whose condition number is at most that)."""
+    ``max_condition`` and to at least ``min_singular`` (the nearest map, in every unitarily invariant
+    norm, that meets both bounds)."""
     eye = torch.eye(weight.shape[-1], dtype=weight.dtype, device=weight.device)
     u, s, vh = torch.linalg.svd(eye + weight)
-    s = torch.maximum(s, s[..., :1] / max_condition)
+    if max_condition is not None:
+        s = torch.maximum(s, s[..., :1] / max_condition)
+    if min_singular is not None:
+        s = s.clamp(min=min_singular)
     return u @ torch.diag_embed(s) @ vh - eye
 
 
 @torch.no_grad()
 def least_squares(transformer: Transformer, batches: list[Tensor], layers: list[int], rule: PositionRule,
                   precision: str = "auto", ridge: float = 1e-6,
-                  max_condition: float | None = None) -> tuple[Tensor, Tensor]:
+                  max_condition: float | None = None, min_singular: float | None = None) -> tuple[Tensor, Tensor]:
     """Translators ``(A [L, d, d], b [L, d])`` with ``h + A h + b`` the least-squares fit of the last
     layer's residual from layer l's over the kept positions (fp64 normal equations; ``ridge`` times
     the mean diagonal keeps them solvable). The last layer's own is the identity. With
-    ``max_condition``, each ``I + A`` is bounded (``bound_condition``) and ``b`` refitted to it (so the
-    translated mean still equals the last layer's)."""
+    ``max_condition`` or ``min_singular``, each ``I + A`` is bounded (``bound_singular_values``) and
+    ``b`` refitted to it (so the translated mean still equals the last layer's)."""
     last, d = transformer.n_layers - 1, transformer.d_model
     read = sorted(set(layers) | {last})
     device = transformer.device
@@ -285,10 +304,10 @@ def least_squares(transformer: Transformer, batches: list[Tensor], layers: list[
     w = torch.linalg.solve(xtx + ridge * scale * torch.eye(d + 1, dtype=torch.float64, device=device), xty)
     eye = torch.eye(d, dtype=torch.float64, device=device)
     weight, bias = w[:, :d].transpose(1, 2) - eye, w[:, d]  # y = h W[:d] + W[d] = h + h A^T + b
-    if max_condition is not None:
+    if max_condition is not None or min_singular is not None:
         n = xtx[:, d, d][:, None]  # the constant column: sums of h and y sit beside it
         mean_h, mean_y = xtx[:, d, :d] / n, xty[:, d] / n
-        weight = bound_condition(weight, max_condition)
+        weight = bound_singular_values(weight, max_condition, min_singular)
         bias = mean_y - mean_h - (weight @ mean_h[..., None])[..., 0]
     is_last = _is_last(layers, transformer)
     return weight.where(~is_last[:, None, None], 0).float(), bias.where(~is_last[:, None], 0).float()
@@ -331,7 +350,8 @@ def run(cfg: LensConfig) -> dict:
     report = {"config": asdict(cfg), "layers": lens.layers, "position_rule": asdict(rule),
               "kl_identity": kl_per_layer(transformer, lens, held_out, rule, cfg.precision, identity=True).tolist(),
               "kl_tuned": kl_per_layer(transformer, lens, held_out, rule, cfg.precision).tolist(),
-              "condition_numbers": lens.condition_numbers().tolist(), "seconds": time.perf_counter() - start}
+              "condition_numbers": lens.condition_numbers().tolist(),
+              "smallest_singular_values": lens.smallest_singular_values().tolist(), "seconds": time.perf_counter() - start}
     lens.save(out)
     with atomic_path(out / "lens.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))

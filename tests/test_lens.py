@@ -128,6 +128,22 @@ def test_least_squares_start_is_the_least_squares_fit(tiny):
     assert (lens.condition_numbers() <= 1.5 + 1e-4).all()
     torch.testing.assert_close(translate(h, weight.double(), bias.double()).mean(1)[:2], h[2].mean(0).expand(2, -1),
                                rtol=1e-4, atol=1e-4)
+    # floored: every singular value at least the floor, the ones above it and the translated mean as they were
+    floor = 0.5
+    free, _ = least_squares(transformer, batches, [0, 1, 2], rule, "fp32", ridge=0.0)
+    weight, bias = least_squares(transformer, batches, [0, 1, 2], rule, "fp32", ridge=0.0, min_singular=floor)
+    with torch.no_grad():
+        lens.weight.copy_(weight)
+        lens.bias.copy_(bias)
+    assert (lens.smallest_singular_values() >= floor - 1e-5).all()
+    eye = torch.eye(h.shape[-1], dtype=torch.float64)
+    before, after = (torch.linalg.svdvals(eye + w.double()) for w in (free, weight))
+    assert (before[:2] < floor).any()  # the floor binds
+    torch.testing.assert_close(after, before.clamp(min=floor), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(translate(h, weight.double(), bias.double()).mean(1)[:2], h[2].mean(0).expand(2, -1),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(MLSAEError, match="--min_singular must be positive"):
+        LensConfig(min_singular=0)
 
 
 def test_cli_writes_lens_and_report(tiny, tmp_path):
