@@ -103,7 +103,8 @@ def lens_verdict(findings, similar: bool, raw_fvu: float) -> str:
     ``raw_fvu``: the copy's FVU in the raw space (mean over layers)."""
     if not raw_fvu < LENS_MAX_RAW_FVU:
         return ("not tested: the tuned-lens copy does not reconstruct the raw residuals (after the inverse "
-                "translation it does worse than predicting every element by its layer's mean), so its statistics are no test of the claim")
+                "translation it does worse than predicting every element by its layer's mean), so its statistics "
+                "are no test of the claim")
     return f"{'agrees' if similar else 'differs'}: " + "; ".join(
         f"{finding.lower()} {'for both' if row.all() else 'for neither' if not row.any() else 'for one only'}"
         for finding, row in findings.iterrows())

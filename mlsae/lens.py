@@ -69,17 +69,21 @@ class TunedLens(nn.Module):
         return inverse(t, self.weight[rows], self.bias[rows])
 
     @torch.no_grad()
+    def singular_values(self) -> Tensor:
+        """The singular values of each ``I + A_l``, largest first ``[L, d]``."""
+        eye = torch.eye(self.weight.shape[-1], dtype=torch.float64, device=self.weight.device)
+        return torch.linalg.svdvals(eye + self.weight.double())
+
     def condition_numbers(self) -> Tensor:
         """The 2-norm condition number of each ``I + A_l``: how much the inverse can magnify an error
         made in the translated space (an MLSAE's reconstruction error, mapped back to the raw space)."""
-        eye = torch.eye(self.weight.shape[-1], dtype=torch.float64, device=self.weight.device)
-        return torch.linalg.cond(eye + self.weight.double())
+        s = self.singular_values()
+        return s[..., 0] / s[..., -1]
 
     def smallest_singular_values(self) -> Tensor:
         """The smallest singular value of each ``I + A_l``: the inverse magnifies an error's size at most
         one over it."""
-        eye = torch.eye(self.weight.shape[-1], dtype=torch.float64, device=self.weight.device)
-        return torch.linalg.svdvals(eye + self.weight.double())[..., -1]
+        return self.singular_values()[..., -1]
 
     def rows_of(self, layers: list[int]) -> tuple[Tensor, Tensor]:
         """The translators (weight, bias) of these transformer ``layers``, which the lens must have."""
