@@ -146,7 +146,7 @@ def _evaluate_pass(group: list[_Member]) -> None:
     for m in group:
         m.rows = [layers.index(layer) for layer in m.layers]
     chunks = load_chunks(cfg.path, cfg.split, transformer.tokenizer, cfg.max_length, max_tokens=cfg.max_tokens)
-    with torch.no_grad(), precision_autocast(cfg.precision, device):
+    with torch.no_grad(), precision_autocast(cfg.precision, device), transformer.weights_for(cfg.precision):
         for ids in tqdm(chunks.split(cfg.batch_size), desc=f"evaluate {len(group)} SAE(s)", unit="batch"):
             ids = ids.to(device)
             spliced = [m for m in group if m.downstream_left > 0]

@@ -349,11 +349,13 @@ def run(cfg: LensConfig) -> dict:
     if cfg.layers and not all(0 <= layer < transformer.n_layers for layer in cfg.layers):
         raise MLSAEError(f"--layers {cfg.layers}: the model has layers 0..{transformer.n_layers - 1}")
     rule = PositionRule()
-    lens = fit(cfg, transformer, rule)
     held_out = _batches(cfg, transformer, cfg.eval_split, cfg.eval_tokens)
+    with transformer.weights_for(cfg.precision):
+        lens = fit(cfg, transformer, rule)
+        kl_identity = kl_per_layer(transformer, lens, held_out, rule, cfg.precision, identity=True)
+        kl_tuned = kl_per_layer(transformer, lens, held_out, rule, cfg.precision)
     report = {"config": asdict(cfg), "layers": lens.layers, "position_rule": asdict(rule),
-              "kl_identity": kl_per_layer(transformer, lens, held_out, rule, cfg.precision, identity=True).tolist(),
-              "kl_tuned": kl_per_layer(transformer, lens, held_out, rule, cfg.precision).tolist(),
+              "kl_identity": kl_identity.tolist(), "kl_tuned": kl_tuned.tolist(),
               "condition_numbers": lens.condition_numbers().tolist(),
               "smallest_singular_values": lens.smallest_singular_values().tolist(), "seconds": time.perf_counter() - start}
     lens.save(out)

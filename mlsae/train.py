@@ -494,31 +494,32 @@ def train(cfg: TrainConfig) -> list[Path]:
     # Rank 0 only; None leaves it to tqdm (off where stderr is no terminal or TQDM_DISABLE is set).
     bar = tqdm(total=cfg.steps, initial=step, disable=None if rank == 0 else True, unit="step", dynamic_ncols=True)
     start, start_tokens = time.perf_counter(), tokens
-    while step < cfg.steps:
-        micro = [next(batches).to(device) for _ in range(n_micro)]
-        if step == 0:
-            init_pre_bias(runs, transformer, micro, cfg, layers, autocast)
-        for run in runs:
-            for group in run.optimizer.param_groups:
-                group["lr"] = cfg.lr_at(step)
-        stats = train_step(runs, transformer, micro, cfg, layers, autocast, world)
-        step += 1
-        tokens += stats[0]["tokens"]
-        elapsed = time.perf_counter() - start
-        if rank == 0:
-            bar.update()
-            bar.set_postfix(loss=f"{stats[0]['loss']:.3f}", fvu=f"{stats[0]['fvu'].mean():.3f}")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                for run, st, wb in itertools.zip_longest(runs, stats, wandb_runs):
-                    record = log_record(run, st, step, tokens, (tokens - start_tokens) / elapsed, precision)
-                    run.log(record)
-                    if wb is not None:
-                        wb.log(record, step=step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+    with transformer.weights_for(precision):
+        while step < cfg.steps:
+            micro = [next(batches).to(device) for _ in range(n_micro)]
+            if step == 0:
+                init_pre_bias(runs, transformer, micro, cfg, layers, autocast)
+            for run in runs:
+                for group in run.optimizer.param_groups:
+                    group["lr"] = cfg.lr_at(step)
+            stats = train_step(runs, transformer, micro, cfg, layers, autocast, world)
+            step += 1
+            tokens += stats[0]["tokens"]
+            elapsed = time.perf_counter() - start
             if rank == 0:
-                save_checkpoint(out, cfg, runs, step, loader, tokens)
-            if dist.is_initialized():
-                dist.barrier()
+                bar.update()
+                bar.set_postfix(loss=f"{stats[0]['loss']:.3f}", fvu=f"{stats[0]['fvu'].mean():.3f}")
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    for run, st, wb in itertools.zip_longest(runs, stats, wandb_runs):
+                        record = log_record(run, st, step, tokens, (tokens - start_tokens) / elapsed, precision)
+                        run.log(record)
+                        if wb is not None:
+                            wb.log(record, step=step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                if rank == 0:
+                    save_checkpoint(out, cfg, runs, step, loader, tokens)
+                if dist.is_initialized():
+                    dist.barrier()
     bar.close()
     if rank == 0:
         for run in runs:

@@ -381,6 +381,37 @@ def test_autocast(tiny_llama, make_input_ids):
     torch.testing.assert_close(spliced, logits)
 
 
+
+def test_weights_held_in_bf16_give_the_same_results(tiny_transformer, make_input_ids):
+    t = tiny_transformer
+    ids = make_input_ids(t)
+    linears = [m.weight for m in t.model.modules() if isinstance(m, nn.Linear)]
+    before = [w.data_ptr() for w in linears]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res, logits = t.run_with_residuals(ids)
+        spliced = t.logits_with_replacement(ids, 1, res[1] * 0.5)
+        with t.weights_for("bf16"):
+            held = {w.dtype for w in linears if w is not t.model.get_input_embeddings().weight}
+            res_held, logits_held = t.run_with_residuals(ids)
+            spliced_held = t.logits_with_replacement(ids, 1, res[1] * 0.5)
+    if _arch(t) != "gpt2":  # GPT-2's blocks are Conv1D; only its LM head is Linear, tied to the embedding
+        assert held == {torch.bfloat16}
+    assert t.model.get_input_embeddings().weight.dtype == torch.float32
+    assert torch.equal(res_held, res) and torch.equal(logits_held, logits) and torch.equal(spliced_held, spliced)
+    assert [w.data_ptr() for w in linears] == before and all(w.dtype == torch.float32 for w in linears)  # the same fp32 tensors
+
+
+def test_weights_for_is_a_no_op_in_fp32_and_restores_after_errors(tiny_llama):
+    t = tiny_llama
+    weights = [m.weight for m in t.model.modules() if isinstance(m, nn.Linear)]
+    with t.weights_for("fp32"):
+        assert all(w.dtype == torch.float32 for w in weights)
+    with pytest.raises(RuntimeError, match="boom"):
+        with t.weights_for("bf16"):
+            raise RuntimeError("boom")
+    assert all(w.dtype == torch.float32 for w in weights)
+
+
 # ----- locating blocks generically
 
 

@@ -163,16 +163,17 @@ def resid_stats(transformer: Transformer, chunks: Tensor, layers: list[int], bat
             special = transformer.special_mask(ids)
             yield acts, special, rule.keep(special, acts)
 
-    moments = {suffix: ResidMoments(len(layers), transformer.d_model) for suffix in spaces}
-    first = FirstPosition(len(layers))
-    for acts, special, keep in batches("resid: means"):
-        for suffix, space in spaces.items():
-            moments[suffix].update(space(acts[:, keep].float()))
-        first.update(acts, special)
-    centred = {suffix: CentredCosines(m.mean) for suffix, m in moments.items()}
-    for acts, _, keep in batches("resid: cosines"):
-        for suffix, space in spaces.items():
-            centred[suffix].update(space(acts[:, keep].float()))
+    with transformer.weights_for(precision):  # both passes
+        moments = {suffix: ResidMoments(len(layers), transformer.d_model) for suffix in spaces}
+        first = FirstPosition(len(layers))
+        for acts, special, keep in batches("resid: means"):
+            for suffix, space in spaces.items():
+                moments[suffix].update(space(acts[:, keep].float()))
+            first.update(acts, special)
+        centred = {suffix: CentredCosines(m.mean) for suffix, m in moments.items()}
+        for acts, _, keep in batches("resid: cosines"):
+            for suffix, space in spaces.items():
+                centred[suffix].update(space(acts[:, keep].float()))
     df = frame(layers, moments[""], centred[""])
     for name, values in first.columns().items():
         df[name] = values.numpy()

@@ -88,15 +88,16 @@ def encode_batch(sae: MLSAE, transformer: Transformer, ids: Tensor, layers: Sequ
 def stream(p: Pass, accumulators: Sequence[Accumulator], data: DataOptions, desc: str = "analysis") -> dict:
     """Feed every batch of ``p.chunks`` to each accumulator; returns token counts and where the time went."""
     n, started, in_model = 0, time.perf_counter(), 0.0
-    for start in tqdm(range(0, len(p.chunks), data.batch_size), desc=desc, unit="batch"):
-        t0 = time.perf_counter()
-        ids = p.chunks[start : start + data.batch_size].to(p.device)
-        keep, topk = encode_batch(p.sae, p.transformer, ids, p.layers, data.precision)
-        n += int(keep.sum())  # also waits for the device, so the split of the time below is honest
-        in_model += time.perf_counter() - t0
-        batch = Batch(ids, keep, topk, start)
-        for acc in accumulators:
-            acc.update(batch)
+    with p.transformer.weights_for(data.precision):
+        for start in tqdm(range(0, len(p.chunks), data.batch_size), desc=desc, unit="batch"):
+            t0 = time.perf_counter()
+            ids = p.chunks[start : start + data.batch_size].to(p.device)
+            keep, topk = encode_batch(p.sae, p.transformer, ids, p.layers, data.precision)
+            n += int(keep.sum())  # also waits for the device, so the split of the time below is honest
+            in_model += time.perf_counter() - t0
+            batch = Batch(ids, keep, topk, start)
+            for acc in accumulators:
+                acc.update(batch)
     seconds = time.perf_counter() - started
     return {"tokens": n, "positions": p.chunks.numel(), "seconds": round(seconds, 2),
             "seconds_model": round(in_model, 2), "seconds_analyses": round(seconds - in_model, 2)}
