@@ -19,6 +19,7 @@ from simple_parsing import ArgumentParser
 from simple_parsing import field as flag
 from tqdm.auto import tqdm
 
+from mlsae import native
 from mlsae.analysis.dists import Dists, DistsAccumulator
 from mlsae.data import DataOptions, load_chunks
 from mlsae.formats import sae_name
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_arguments(EvalConfig, dest="cfg")
     cfg = parser.parse_args(argv).cfg
     check_out_dir(cfg.out_dir)
+    native.tune_malloc()  # as python -m mlsae.train does
     evaluation = evaluate(cfg)
     path = write_results(evaluation, cfg, sae_name(cfg.sae))
     results = evaluation.results

@@ -39,6 +39,7 @@ from simple_parsing import field as flag
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mlsae import native
 from mlsae.data import DataOptions, load_chunks
 from mlsae.fetch import DEFAULT_MODEL
 from mlsae.metrics import CleanLogits, compare
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], add_config_path_arg=False)
     parser.add_arguments(LensConfig, dest="cfg")
     cfg = parser.parse_args(argv).cfg
+    native.tune_malloc()  # as python -m mlsae.train does
     report = run(cfg)
     print(json.dumps({k: [round(v, 4) for v in report[k]] for k in ("kl_identity", "kl_tuned")}))
     print(Path(cfg.out_dir) / FILE)
