@@ -46,7 +46,7 @@ from book.stages import (
 
 def setup(profile: str = "default", *, quiet: bool = True) -> Profile:
     """Load ``profile`` for a notebook; keep freed memory in glibc's heap (a notebook kernel is a
-    compute process: evaluation without it spent 15% longer page-faulting its buffers back), quiet
+    compute process: evaluation ran 15% faster than when it page-faulted its buffers back), quiet
     the transformers logging (it would print into the book) and set the plotting defaults."""
     native.tune_malloc()
     if quiet:  # progress bars are off through TQDM_DISABLE (book.build.quiet_env)
