@@ -89,7 +89,7 @@ def make_mlsae(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
 
     def path() -> str:  # the encode path of the next step: "fp32 mixed-select", "bf16 tiled", ...
         with autocast(x.device, bf16):
-            name = encode_path(x, sae.W_enc, k, aux=bool(sae.dead_mask().any()))
+            name = encode_path(x, sae.W_enc, k)
         return f"{'bf16' if bf16 else 'fp32'} {name}"
 
     step.path = path

@@ -1,7 +1,8 @@
 """Sparse TopK encode and decode: the training hot path never builds a dense [vectors, n_latents] gradient.
 
 The encoder's forward needs one dense product (the pre-activations); everything after
-the TopK touches only the k (plus AuxK) selected latents of each vector:
+the TopK touches only the k selected latents of each vector (AuxK, over the few dead latents, is
+dense over those alone: ``auxk_decode``):
 
 - encode:   pre = (x - b) @ W_enc.T into reused, cache-sized buffers, never as a whole [N, F]:
             by chunks of vectors (all latents), or for many latents by tiles (a block of
@@ -168,33 +169,24 @@ def _check_indices(indices: Tensor, n_latents: int) -> None:
 
 
 class _TopKEncode(torch.autograd.Function):
-    """TopK over ``(x - b) @ W_enc.T`` then ReLU, with an optional second TopK over a subset (AuxK).
-
-    Both selections share one dense product, computed chunk by chunk; the backward is sparse in both.
-    """
+    """TopK over ``(x - b) @ W_enc.T`` then ReLU: one dense product, computed chunk by chunk or tile
+    by tile; a sparse backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, auxk: int, aux_mask: Tensor | None,
-                x_low: Tensor | None, sort: native.IndexSort):
+    def forward(ctx, x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, x_low: Tensor | None,
+                sort: native.IndexSort):
         u_low = x_low if x_low is not None else _low_precision_input(x, b)
-        outputs = _encode_chunks(x, W_enc, b, k, auxk, aux_mask, u_low)
-        ctx.save_for_backward(x, W_enc, b, u_low, *outputs)
+        values, indices = _encode_chunks(x, W_enc, b, k, u_low)
+        ctx.save_for_backward(x, W_enc, b, u_low, values, indices)
         ctx.sort = sort
-        ctx.mark_non_differentiable(*outputs[1::2])
-        ctx.set_materialize_grads(False)  # unused outputs get None, not zeros
-        return tuple(outputs)
+        ctx.mark_non_differentiable(indices)
+        return values, indices
 
     @staticmethod
-    def backward(ctx, grad_values, _grad_indices, grad_aux=None, _grad_aux_indices=None):
-        x, W_enc, b, u_low, values, indices, *aux = ctx.saved_tensors
-        if grad_values is None and grad_aux is None:
-            return None, None, None, None, None, None, None, None
-        grad = torch.zeros_like(values) if grad_values is None else grad_values * (values > 0)
+    def backward(ctx, grad_values, _grad_indices):
+        x, W_enc, b, u_low, values, indices = ctx.saved_tensors
+        grad = grad_values * (values > 0)
         sort = ctx.sort
-        if aux and grad_aux is not None:  # the decoder's sort is of the main indices alone
-            sort = None
-            grad = torch.cat([grad, grad_aux * (aux[0] > 0)], dim=-1)
-            indices = torch.cat([indices, aux[1]], dim=-1)
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=grad.to(W_enc.dtype), mode="sum").to(x.dtype)
@@ -207,7 +199,7 @@ class _TopKEncode(torch.autograd.Function):
             grad_W = grad_W.to(W_enc.dtype)
             if b is not None and ctx.needs_input_grad[2]:
                 grad_b = -(per_latent.to(W_enc.dtype) @ W_enc)
-        return grad_x, grad_W, grad_b, None, None, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None
 
 
 @torch.no_grad()
@@ -226,14 +218,14 @@ def mixed_select(device: torch.device) -> bool:
     return device.type == "cpu" and precision.bf16_speedup(device) >= MIXED_SELECT_SPEEDUP
 
 
-def encode_path(x: Tensor, W_enc: Tensor, k: int, aux: bool = False) -> str:
+def encode_path(x: Tensor, W_enc: Tensor, k: int) -> str:
     """How ``topk_encode`` computes the TopK of ``x`` (under the current autocast):
 
     - ``"mixed-select"``: fp32, ranked by a bf16 product then rescored in fp32 (``_encode_mixed``);
     - ``"tiled"``: tiles of the product folded into a running TopK (many latents, native kernels);
-    - ``"rows"``: chunks of vectors by all latents (few latents, AuxK, CUDA, no native kernels).
+    - ``"rows"``: chunks of vectors by all latents (few latents, CUDA, no native kernels).
     """
-    if aux or x.dtype != torch.float32 or not _native(x, W_enc):
+    if x.dtype != torch.float32 or not _native(x, W_enc):
         return "rows"
     if gemm_dtype(x) == torch.float32 and W_enc.shape[0] >= 8 * k and mixed_select(x.device):
         return "mixed-select"
@@ -241,13 +233,13 @@ def encode_path(x: Tensor, W_enc: Tensor, k: int, aux: bool = False) -> str:
 
 
 @torch.no_grad()
-def _encode_chunks(x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, auxk: int, aux_mask: Tensor | None,
-                   u_low: Tensor | None = None) -> list[Tensor]:
-    """[values, indices] (+ [aux_values, aux_indices]) of every vector, without an [N, F] product.
+def _encode_chunks(x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, u_low: Tensor | None = None
+                   ) -> list[Tensor]:
+    """[values, indices] of every vector, without an [N, F] product.
 
     ``u_low``: ``x - b`` already in the product's dtype, when lower than fp32."""
     dtype = gemm_dtype(x)
-    path = encode_path(x, W_enc, k, aux_mask is not None)
+    path = encode_path(x, W_enc, k)
     with torch.autocast(x.device.type, enabled=False):
         W = W_enc.detach() if W_enc.dtype == dtype else _buffer("W", W_enc.shape, dtype, x.device).copy_(W_enc)
 
@@ -260,7 +252,7 @@ def _encode_chunks(x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, auxk: int
             out = _encode_tiles(inputs, x.shape[0], W, k)
             if out is not None:
                 return out
-        return _encode_rows(inputs, x, W, k, auxk, aux_mask)
+        return _encode_rows(inputs, x, W, k)
 
 
 def _encode_mixed(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor]:
@@ -339,34 +331,22 @@ def _fold_tiles(state: native.TopKState, u: Tensor, W: Tensor, min_block: int, r
     return failed
 
 
-def _encode_rows(inputs: Callable[[int, int], Tensor], x: Tensor, W: Tensor, k: int, auxk: int,
-                 aux_mask: Tensor | None) -> list[Tensor]:
-    """[values, indices] (+ AuxK's) from chunks of vectors by all latents (the PyTorch path, and AuxK)."""
+def _encode_rows(inputs: Callable[[int, int], Tensor], x: Tensor, W: Tensor, k: int) -> list[Tensor]:
+    """[values, indices] from chunks of vectors by all latents (few latents, and the PyTorch path)."""
     dtype = W.dtype
     n, n_latents = x.shape[0], W.shape[0]
     values = torch.empty(n, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(n, k, dtype=torch.long, device=x.device)
-    dead = aux_mask.nonzero().flatten() if aux_mask is not None else None
-    k_aux = min(auxk, len(dead)) if dead is not None else 0
-    if k_aux:
-        aux_values = torch.empty(n, k_aux, dtype=x.dtype, device=x.device)
-        aux_indices = torch.empty(n, k_aux, dtype=torch.long, device=x.device)
     step = _chunk_rows(n_latents, torch.finfo(dtype).bits // 8, x.device)
     buf = _buffer("pre", (min(step, n), n_latents), dtype, x.device)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
         pre = torch.mm(inputs(rows.start, rows.stop), W.T, out=buf[: rows.stop - start])
-        if rows.stop - start == n and not k_aux:  # one chunk: no copies
+        if rows.stop - start == n:  # one chunk: no copies
             values, indices = _topk_relu(pre, k)
-            values = values.to(x.dtype)
-            break
+            return [values.to(x.dtype), indices]
         values[rows], indices[rows] = _topk_relu(pre, k)
-        if k_aux:
-            aux_values[rows], local = _topk_relu(pre.index_select(1, dead), k_aux)
-            aux_indices[rows] = dead[local]
-    if not k_aux:
-        return [values, indices]
-    return [values, indices, aux_values, aux_indices]
+    return [values, indices]
 
 
 def _shifted(x: Tensor, b: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -376,25 +356,36 @@ def _shifted(x: Tensor, b: Tensor | None, dtype: torch.dtype) -> Tensor:
     return torch.sub(x, b, out=_buffer("u" if dtype == x.dtype else "u_gemm", x.shape, dtype, x.device))
 
 
-def topk_encode(
-    x: Tensor, W_enc: Tensor, k: int, auxk: int = 0, aux_mask: Tensor | None = None, b: Tensor | None = None,
-    x_low: Tensor | None = None,
-) -> tuple[TopK, TopK | None]:
-    """Encode ``x - b`` (``x [N, d]``, ``b [d]`` or None) with ``W_enc [F, d]``: TopK over all latents,
-    and TopK over the ``aux_mask`` latents.
+def topk_encode(x: Tensor, W_enc: Tensor, k: int, b: Tensor | None = None, x_low: Tensor | None = None) -> TopK:
+    """Encode ``x - b`` (``x [N, d]``, ``b [d]`` or None) with ``W_enc [F, d]``: the TopK over all latents.
 
-    ``aux_mask`` ([F] bool, e.g. the dead latents) switches on the auxiliary selection, which has
-    ``min(auxk, number of masked latents)`` entries per vector (None when the mask is empty).
     ``x_low``: ``x - b`` already in the autocast dtype, if the caller has it (saves a pass).
     Under autocast the weight gradient uses the product's own low-precision inputs, as
     autocast's linear layers do.
     """
-    use_aux = aux_mask is not None and auxk > 0  # an empty mask costs a slower path, not an error
     if x_low is not None and x_low.dtype != gemm_dtype(x):
         x_low = None
     sort = native.IndexSort()
-    out = _TopKEncode.apply(x.contiguous(), W_enc, b, k, auxk, aux_mask if use_aux else None, x_low, sort)
-    return _Encoded(out[0], out[1], sort), (TopK(out[2], out[3]) if len(out) == 4 else None)
+    values, indices = _TopKEncode.apply(x.contiguous(), W_enc, b, k, x_low, sort)
+    return _Encoded(values, indices, sort)
+
+
+def auxk_decode(x: Tensor, W_enc: Tensor, W_dec: Tensor, b: Tensor | None, dead: Tensor, auxk: int) -> Tensor:
+    """AuxK's reconstruction of ``x [N, d]``: the ``auxk`` largest pre-activations among the ``dead``
+    latents (``[F]`` bool) of each vector, after ReLU, decoded without the decoder's bias.
+
+    Dense over the dead latents alone (two products of ``[N, n_dead]``, plain autograd): they are a
+    few percent of the dictionary in a healthy run, and a selection inside the sparse encoder
+    would need every latent's pre-activation kept and sparse passes over ``auxk`` rows per vector,
+    which made the default step 2.6x slower with 64 dead latents (AMX Xeon, bf16).
+    """
+    latents = dead.nonzero().flatten()
+    W = W_enc[latents]
+    pre = F.linear(x, W, None if b is None else -(W @ b))  # (x - b) @ W.T without an [N, d] pass
+    if len(latents) > auxk:
+        top = pre.topk(auxk, dim=-1, sorted=False).indices
+        pre = pre * torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, top, True)
+    return pre.relu() @ W_dec[latents]
 
 
 # ----------------------------------------------------------------------------- the loss's dense passes

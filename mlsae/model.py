@@ -16,7 +16,8 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-from mlsae.kernels import Standardized, TopK, project_rows_, scaled_error, sparse_decode, standardize, topk_encode
+from mlsae.kernels import (Standardized, TopK, auxk_decode, project_rows_, scaled_error, sparse_decode, standardize,
+                           topk_encode)
 from mlsae.positions import PositionRule, rule_of
 from mlsae.utils import MLSAEError
 
@@ -169,7 +170,7 @@ class MLSAE(
 
     def encode_standardized(self, z: Tensor) -> TopK:
         """Latents of vectors already standardized by ``standardize`` (its ``.x``)."""
-        topk, _ = topk_encode((z - self.b_pre).reshape(-1, z.shape[-1]), self.W_enc, self.config.k)
+        topk = topk_encode((z - self.b_pre).reshape(-1, z.shape[-1]), self.W_enc, self.config.k)
         return topk.reshape(*z.shape[:-1])
 
     def decode(self, topk: TopK, standardized: Standardized | None = None) -> Tensor:
@@ -203,19 +204,15 @@ class MLSAE(
         else:
             s, scale = Standardized(x, 0.0, 1.0), torch.ones(L * N, 1, device=x.device)
             variance = torch.stack([part.var(unbiased=False) for part in x.view(L, -1)])
-        dead = self.dead_mask() if cfg.auxk else None
-        use_aux = dead is not None and bool(dead.any())
-        topk, aux = topk_encode(s.x, self.W_enc, cfg.k, cfg.auxk, dead if use_aux else None, b=self.b_pre,
-                                x_low=low)
+        topk = topk_encode(s.x, self.W_enc, cfg.k, b=self.b_pre, x_low=low)
         mse, error, recon = scaled_error(sparse_decode(topk, self.W_dec), self.b_pre, s.x, scale, x, L)
         fvu = mse / variance.clamp_min(1e-12)
         loss = fvu.mean()
         auxk_loss = torch.zeros((), device=x.device)
-        if aux is not None:
-            residual = error.neg()  # x - recon, detached
-            aux_recon = sparse_decode(aux, self.W_dec) * scale
-            denom = (residual - residual.mean(0)).pow(2).mean().clamp_min(1e-12)
-            auxk_loss = torch.nan_to_num((aux_recon - residual).pow(2).mean() / denom)
+        dead = self.dead_mask() if cfg.auxk else None
+        if dead is not None and bool(dead.any()):  # the dead latents reconstruct x - recon = -error (detached)
+            aux_error = torch.addcmul(error, auxk_decode(s.x, self.W_enc, self.W_dec, self.b_pre, dead, cfg.auxk), scale)
+            auxk_loss = torch.nan_to_num(_mean_square(aux_error) / _centred_mean_square(error).clamp_min(1e-12))
             loss = loss + cfg.auxk_coef * auxk_loss
         recon = recon.reshape(L, N, d)  # x + error = (decoded + b_pre) * scale + mean
         topk = topk.reshape(L, N)
@@ -274,6 +271,17 @@ class MLSAE(
         from mlsae.formats import load
 
         return load(str(pretrained_model_name_or_path), map_location, lens=lens, **hub_kwargs)
+
+
+def _mean_square(x: Tensor) -> Tensor:
+    """``x.pow(2).mean()`` in one pass each way (the norm's kernel, not an [N, d] square)."""
+    return torch.linalg.vector_norm(x).square() / x.numel()
+
+
+@torch.no_grad()
+def _centred_mean_square(x: Tensor) -> Tensor:
+    """``(x - x.mean(0)).pow(2).mean()`` in two passes, without the centred copy."""
+    return _mean_square(x) - _mean_square(x.mean(0))
 
 
 def _layer_variance(mean: Tensor, sq_norm: Tensor, n_layers: int, n_features: int) -> Tensor:

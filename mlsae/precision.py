@@ -5,7 +5,7 @@ Whether bf16 pays depends on the CPU, and its vendor or feature flags do not say
 faster than fp32; on an Intel Xeon without AMX bf16 (130-150 GFLOP/s) is slower than fp32
 (200-250 GFLOP/s); on a Xeon with AMX it is 4x faster or more. So ``gemm_rates`` times one
 encoder-shaped product in each precision (well under a second), once per machine (CPU model,
-cores, torch threads, torch version: what the rates depend on), and
+cores, torch threads, torch version, oneDNN's instruction-set cap: what the rates depend on), and
 caches the result as JSON in ``cache_dir()/machine``. ``precision="auto"`` takes bf16 where it
 is clearly faster, and mlsae.kernels uses the same rates to decide whether fp32 encoding ranks
 latents by a bf16 product. On CUDA auto is bf16 (tensor cores) without measuring. Delete the
@@ -83,12 +83,17 @@ def gemm_rates(device: torch.device | str = "cpu") -> dict:
 
 
 def machine(device: torch.device) -> dict:
-    """What GEMM rates depend on: the processor (CPU model, cores, torch threads, or the GPU) and torch."""
+    """What GEMM rates depend on: the processor (CPU model, cores, torch threads, oneDNN's instruction-set
+    cap if set; or the GPU) and torch."""
     if device.type == "cuda":
         return {"device": "cuda", "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
                 "shape": list(SHAPE)}
-    return {"device": device.type, "cpu": cpu_model(), "nproc": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "shape": list(SHAPE)}
+    facts = {"device": device.type, "cpu": cpu_model(), "nproc": os.cpu_count(), "threads": torch.get_num_threads(),
+             "torch": torch.__version__, "shape": list(SHAPE)}
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    if cap:  # oneDNN's instruction-set cap changes the bf16 kernels (AMX off: several times slower)
+        facts["onednn_max_cpu_isa"] = cap
+    return facts
 
 
 @functools.cache

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsae import kernels, native
-from mlsae.kernels import TopK, dense_latents, scatter_rows, sparse_decode, topk_encode
+from mlsae.kernels import TopK, auxk_decode, dense_latents, scatter_rows, sparse_decode, topk_encode
 from mlsae.model import MLSAE, SAEConfig
 
 HAVE_NATIVE = native.lib() is not None
@@ -33,17 +33,17 @@ def path(request, monkeypatch):
     return request.param
 
 
-def naive(x, W_enc, W_dec, k, aux_mask=None, auxk=0, b=None):
+def naive(x, W_enc, W_dec, k, b=None):
     pre = (x if b is None else x - b) @ W_enc.T
     values, indices = pre.topk(k, dim=-1)
-    dense = torch.zeros_like(pre).scatter(-1, indices, values.relu())
-    out = dense @ W_dec
-    if aux_mask is None:
-        return out, None
-    aux_pre = pre.masked_fill(~aux_mask, float("-inf"))
-    av, ai = aux_pre.topk(min(auxk, int(aux_mask.sum())), dim=-1)
-    aux_dense = torch.zeros_like(pre).scatter(-1, ai, av.relu())
-    return out, aux_dense @ W_dec
+    return torch.zeros_like(pre).scatter(-1, indices, values.relu()) @ W_dec
+
+
+def naive_aux(x, W_enc, W_dec, dead, auxk, b=None):
+    """AuxK's reconstruction straight from its definition: a TopK over the dead latents alone."""
+    pre = ((x if b is None else x - b) @ W_enc.T).masked_fill(~dead, float("-inf"))
+    values, indices = pre.topk(min(auxk, int(dead.sum())), dim=-1)
+    return torch.zeros_like(pre).scatter(-1, indices, values.relu()) @ W_dec
 
 
 def params(n=64, d=16, f=96, seed=0, dtype=torch.float64):
@@ -76,9 +76,9 @@ def test_sparse_matches_dense_values_and_gradients(path, dtype, k):
     if dtype == torch.float32:
         mixed = path == "mixed" and k <= 96 // 8  # (it needs at least 8k latents)
         assert kernels.encode_path(x, W_enc, k) == ("mixed-select" if mixed else "rows")
-    topk, _ = topk_encode(x, W_enc, k)
+    topk = topk_encode(x, W_enc, k)
     sparse = sparse_decode(topk, W_dec)
-    dense, _ = naive(rx, rW_enc, rW_dec, k)
+    dense = naive(rx, rW_enc, rW_dec, k)
     close(sparse, dense)
     g_sparse = grads((sparse - target.to(dtype)).pow(2).sum(), x, W_enc, W_dec)
     g_dense = grads((dense - target).pow(2).sum(), rx, rW_enc, rW_dec)
@@ -94,67 +94,54 @@ def test_pre_encoder_bias_gradient(path, dtype):
     rx, rW_enc, rW_dec, rb = (t.detach().double().requires_grad_() for t in (x, W_enc, W_dec, b))
     dead = torch.zeros(96, dtype=torch.bool)
     dead[1::4] = True
-    topk, aux = topk_encode(x, W_enc, 5, auxk=6, aux_mask=dead, b=b)
-    out = sparse_decode(topk, W_dec) + 0.5 * sparse_decode(aux, W_dec)
-    ref_out, ref_aux = naive(rx, rW_enc, rW_dec, 5, dead, 6, b=rb)
-    ref = ref_out + 0.5 * ref_aux
+    out = sparse_decode(topk_encode(x, W_enc, 5, b=b), W_dec) + 0.5 * auxk_decode(x, W_enc, W_dec, b, dead, 6)
+    ref = naive(rx, rW_enc, rW_dec, 5, b=rb) + 0.5 * naive_aux(rx, rW_enc, rW_dec, dead, 6, b=rb)
     close(out, ref)
     for a, r in zip(grads(out.sin().sum(), x, W_enc, W_dec, b), grads(ref.sin().sum(), rx, rW_enc, rW_dec, rb)):
         close(a, r)
 
 
-def test_auxk_matches_dense_and_only_dead_latents_get_encoder_gradient(path):
+@pytest.mark.parametrize("n_dead", [3, 32])  # fewer dead latents than auxk (all of them taken), and more
+def test_auxk_matches_dense_and_only_dead_latents_get_gradients(n_dead):
     x, W_enc, W_dec = params(seed=1)
     dead = torch.zeros(96, dtype=torch.bool)
-    dead[::3] = True
+    dead[torch.randperm(96, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
     target = torch.randn(64, 16, dtype=torch.float64)
-    _, aux = topk_encode(x, W_enc, 4, auxk=8, aux_mask=dead)
-    aux_out = sparse_decode(aux, W_dec)
-    _, dense_aux = naive(x, W_enc, W_dec, 4, dead, 8)
-    torch.testing.assert_close(aux_out, dense_aux)
-    assert dead[aux.indices].all()
-    g_sparse = grads((aux_out - target).pow(2).sum(), x, W_enc, W_dec)
-    g_dense = grads((dense_aux - target).pow(2).sum(), x, W_enc, W_dec)
-    for a, b in zip(g_sparse, g_dense):
-        torch.testing.assert_close(a, b)
-    g_enc = g_sparse[1]
-    assert g_enc[~dead].abs().sum() == 0 and g_enc[dead].abs().sum() > 0
+    aux = auxk_decode(x, W_enc, W_dec, None, dead, 8)
+    ref = naive_aux(x, W_enc, W_dec, dead, 8)
+    torch.testing.assert_close(aux, ref)
+    got = grads((aux - target).pow(2).sum(), x, W_enc, W_dec)
+    for a, r in zip(got, grads((ref - target).pow(2).sum(), x, W_enc, W_dec)):
+        torch.testing.assert_close(a, r)
+    for g in got[1:]:  # the encoder's and the decoder's rows of live latents get nothing
+        assert g[~dead].abs().sum() == 0 and g[dead].abs().sum() > 0
+
+
+def test_auxk_under_bf16_autocast_stays_close_to_fp32():
+    """Under autocast AuxK's two products run in bf16, as autocast's linear layers would."""
+    x, W_enc, W_dec = (t.detach().float() for t in params(seed=4))
+    dead = torch.arange(96) % 5 == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = auxk_decode(x, W_enc, W_dec, None, dead, 8)
+    ref = auxk_decode(x, W_enc, W_dec, None, dead, 8)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).norm() < 0.05 * ref.norm()
 
 
 def test_relu_after_topk_blocks_negative_values(path):
     x, W_enc, _ = params(seed=2, dtype=torch.float32)
     W = -W_enc.detach().abs()
-    topk, _ = topk_encode(x.detach().abs(), W, 5)  # all pre-activations negative
+    topk = topk_encode(x.detach().abs(), W, 5)  # all pre-activations negative
     assert (topk.values == 0).all()
-
-
-def test_fewer_dead_latents_than_auxk(path):
-    x, W_enc, W_dec = params(seed=3, dtype=torch.float32)
-    dead = torch.zeros(96, dtype=torch.bool)
-    dead[:3] = True
-    _, aux = topk_encode(x, W_enc, 4, auxk=8, aux_mask=dead)
-    assert aux.indices.shape == (64, 3) and dead[aux.indices].all()
-    out = sparse_decode(aux, W_dec)
-    assert torch.isfinite(out).all()
-    (gx,) = grads(out.sum(), x)
-    assert torch.isfinite(gx).all()
-
-
-def test_empty_aux_mask_means_no_aux():
-    x, W_enc, _ = params(dtype=torch.float32)
-    _, aux = topk_encode(x, W_enc, 4, auxk=8, aux_mask=torch.zeros(96, dtype=torch.bool))
-    assert aux is None
 
 
 def test_chunks_give_the_same_result(path, monkeypatch):
     """The encoder runs chunk by chunk of vectors; any chunk size gives the same latents and gradients."""
     x, W_enc, W_dec = params(n=200, d=32, f=256, seed=6, dtype=torch.float32)
-    dead = torch.rand(256, generator=torch.Generator().manual_seed(0)) < 0.3
 
     def run():
-        topk, aux = topk_encode(x, W_enc, 8, auxk=16, aux_mask=dead)
-        out = sparse_decode(topk, W_dec) + sparse_decode(aux, W_dec)
-        return (*topk, *aux, *grads(out.pow(2).sum(), x, W_enc, W_dec))
+        topk = topk_encode(x, W_enc, 8)
+        return (*topk, *grads(sparse_decode(topk, W_dec).pow(2).sum(), x, W_enc, W_dec))
 
     whole = run()
     monkeypatch.setattr(kernels, "CHUNK_BYTES", 37 * 256 * 4)  # 37 vectors per chunk, a ragged last one
@@ -174,7 +161,7 @@ def test_tiles_give_the_same_result(path, monkeypatch, bf16):
 
     def run():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            topk, _ = topk_encode(x, W_enc, 40)
+            topk = topk_encode(x, W_enc, 40)
             out = sparse_decode(topk, W_dec)
         order = topk.indices.argsort(-1)
         return (topk.values.gather(1, order), topk.indices.gather(1, order),
@@ -205,7 +192,7 @@ def test_fp32_select_by_bf16_product_is_exact(monkeypatch, case):
     if case == "nan":
         x[5, 3] = float("nan")
     b = torch.randn(48, generator=g)
-    values, indices = kernels._encode_chunks(x, W, b, 16, 0, None)
+    values, indices = kernels._encode_chunks(x, W, b, 16)
     ref_values, ref_indices = ((x - b) @ W.T).topk(16, dim=-1)
     ok = ~torch.isnan(ref_values).any(-1)
     torch.testing.assert_close(values.sort(-1).values[ok], ref_values.relu().sort(-1).values[ok], rtol=1e-5, atol=1e-5)
@@ -214,7 +201,7 @@ def test_fp32_select_by_bf16_product_is_exact(monkeypatch, case):
     assert kernels.encode_path(x, W, 16) == "mixed-select"
     monkeypatch.setattr(kernels, "mixed_select", lambda device: False)
     assert kernels.encode_path(x, W, 16) == "rows"
-    plain, _ = kernels._encode_chunks(x, W, b, 16, 0, None)
+    plain, _ = kernels._encode_chunks(x, W, b, 16)
     torch.testing.assert_close(values.sort(-1).values[ok], plain.sort(-1).values[ok], rtol=1e-5, atol=1e-5)
 
 
@@ -225,9 +212,9 @@ def test_dense_latents_scatter():
 
 def test_bf16_autocast_close_to_fp32(path):
     x, W_enc, W_dec = (t.detach().float() for t in params(n=256, d=64, f=512, seed=4))
-    ref = sparse_decode(topk_encode(x, W_enc, 16)[0], W_dec)
+    ref = sparse_decode(topk_encode(x, W_enc, 16), W_dec)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        topk, _ = topk_encode(x, W_enc, 16)
+        topk = topk_encode(x, W_enc, 16)
         out = sparse_decode(topk, W_dec)
     assert out.dtype == torch.float32 and topk.values.dtype == torch.float32
     rel = (out - ref).pow(2).mean() / ref.pow(2).mean()
@@ -239,7 +226,7 @@ def test_bf16_autocast_gradients_match_autocast_semantics(path):
     x, W_enc, W_dec = (t.detach().float().requires_grad_() for t in params(n=200, d=32, f=300, seed=12))
     b = torch.randn(32, generator=torch.Generator().manual_seed(1)).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        topk, _ = topk_encode(x, W_enc, 8, b=b)
+        topk = topk_encode(x, W_enc, 8, b=b)
         out = sparse_decode(topk, W_dec)
     got = grads(out.sin().sum(), W_enc, W_dec, b)
     u16, W16 = (x - b).detach().bfloat16(), W_enc.detach().bfloat16()
@@ -270,7 +257,7 @@ def test_deterministic(path):
     x, W_enc, W_dec = params(n=300, d=32, f=128, seed=7, dtype=torch.float32)
 
     def run():
-        topk, _ = topk_encode(x, W_enc, 8)
+        topk = topk_encode(x, W_enc, 8)
         return grads(sparse_decode(topk, W_dec).pow(2).sum(), x, W_enc, W_dec)
 
     for a, b in zip(run(), run()):
@@ -379,7 +366,7 @@ def test_encoder_scatter_reuses_the_decoder_sort():
         0, idx.flatten(), (w[:, :, None] * x[:, None, :]).reshape(-1, 20)), rtol=1e-5, atol=1e-5)
     # In a step: the encoder's TopK carries the sort that its decoder's backward fills in.
     W_enc, W_dec = W.clone().requires_grad_(), W.clone().requires_grad_()
-    topk, _ = topk_encode(x, W_enc, 6)
+    topk = topk_encode(x, W_enc, 6)
     assert isinstance(topk.sort, native.IndexSort) and topk.sort.saved is None
     between = []  # after the decoder's backward, before the encoder's
     topk.values.register_hook(lambda grad: between.append(topk.sort.saved is not None))
@@ -486,9 +473,9 @@ def test_decoder_gradient_projection_paths_agree(monkeypatch):
 @pytest.mark.gpu
 def test_cuda_matches_naive():
     x, W_enc, W_dec = (t.detach().cuda().requires_grad_() for t in params(n=128, d=32, f=256, seed=8))
-    topk, _ = topk_encode(x, W_enc, 8)
+    topk = topk_encode(x, W_enc, 8)
     out = sparse_decode(topk, W_dec)
-    ref, _ = naive(x, W_enc, W_dec, 8)
+    ref = naive(x, W_enc, W_dec, 8)
     torch.testing.assert_close(out, ref)
     for a, b in zip(grads(out.sin().sum(), x, W_enc, W_dec), grads(ref.sin().sum(), x, W_enc, W_dec)):
         torch.testing.assert_close(a, b)

@@ -87,3 +87,6 @@ def test_other_facts_are_another_cache_file(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 12345)
     assert precision.gemm_rates(CPU)["threads"] == 12345
     assert len(cache) == 2 and len(list((tmp_path / "machine").glob("*.json"))) == 2
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # AMX switched off for oneDNN's bf16 kernels
+    assert precision.gemm_rates(CPU)["onednn_max_cpu_isa"] == "AVX512_CORE_BF16"
+    assert len(cache) == 3 and len(list((tmp_path / "machine").glob("*.json"))) == 3
