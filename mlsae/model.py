@@ -16,7 +16,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-from mlsae.kernels import (Standardized, TopK, auxk_decode, project_rows_, scaled_error, sparse_decode, standardize,
+from mlsae.kernels import (Standardized, TopK, auxk_sq_error, project_rows_, scaled_error, sparse_decode, standardize,
                            topk_encode)
 from mlsae.positions import PositionRule, rule_of
 from mlsae.utils import MLSAEError
@@ -211,8 +211,10 @@ class MLSAE(
         auxk_loss = torch.zeros((), device=x.device)
         dead = self.dead_mask() if cfg.auxk else None
         if dead is not None and bool(dead.any()):  # the dead latents reconstruct x - recon = -error (detached)
-            aux_error = torch.addcmul(error, auxk_decode(s.x, self.W_enc, self.W_dec, self.b_pre, dead, cfg.auxk), scale)
-            auxk_loss = torch.nan_to_num(_mean_square(aux_error) / _centred_mean_square(error).clamp_min(1e-12))
+            sq = mse.detach().sum() * (error.numel() // L)  # sum(error^2), from the per-layer MSE
+            aux_sq = sq + auxk_sq_error(s.x, error, scale, self.W_enc, self.W_dec, self.b_pre, dead, cfg.auxk)
+            centred = sq / error.numel() - _mean_square(error.mean(0))  # error's variance about its mean
+            auxk_loss = torch.nan_to_num(aux_sq / error.numel() / centred.clamp_min(1e-12))
             loss = loss + cfg.auxk_coef * auxk_loss
         recon = recon.reshape(L, N, d)  # x + error = (decoded + b_pre) * scale + mean
         topk = topk.reshape(L, N)
@@ -276,12 +278,6 @@ class MLSAE(
 def _mean_square(x: Tensor) -> Tensor:
     """``x.pow(2).mean()`` in one pass each way (the norm's kernel, not an [N, d] square)."""
     return torch.linalg.vector_norm(x).square() / x.numel()
-
-
-@torch.no_grad()
-def _centred_mean_square(x: Tensor) -> Tensor:
-    """``(x - x.mean(0)).pow(2).mean()`` in two passes, without the centred copy."""
-    return _mean_square(x) - _mean_square(x.mean(0))
 
 
 def _layer_variance(mean: Tensor, sq_norm: Tensor, n_layers: int, n_features: int) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsae import kernels, native
-from mlsae.kernels import TopK, auxk_decode, dense_latents, scatter_rows, sparse_decode, topk_encode
+from mlsae.kernels import TopK, auxk_sq_error, dense_latents, scatter_rows, sparse_decode, topk_encode
 from mlsae.model import MLSAE, SAEConfig
 
 HAVE_NATIVE = native.lib() is not None
@@ -92,40 +92,53 @@ def test_pre_encoder_bias_gradient(path, dtype):
     x, W_enc, W_dec = params(seed=5, dtype=dtype)
     b = torch.randn(16, dtype=torch.float64).to(dtype).requires_grad_()
     rx, rW_enc, rW_dec, rb = (t.detach().double().requires_grad_() for t in (x, W_enc, W_dec, b))
-    dead = torch.zeros(96, dtype=torch.bool)
-    dead[1::4] = True
-    out = sparse_decode(topk_encode(x, W_enc, 5, b=b), W_dec) + 0.5 * auxk_decode(x, W_enc, W_dec, b, dead, 6)
-    ref = naive(rx, rW_enc, rW_dec, 5, b=rb) + 0.5 * naive_aux(rx, rW_enc, rW_dec, dead, 6, b=rb)
+    out = sparse_decode(topk_encode(x, W_enc, 5, b=b), W_dec)
+    ref = naive(rx, rW_enc, rW_dec, 5, b=rb)
     close(out, ref)
     for a, r in zip(grads(out.sin().sum(), x, W_enc, W_dec, b), grads(ref.sin().sum(), rx, rW_enc, rW_dec, rb)):
         close(a, r)
 
 
-@pytest.mark.parametrize("n_dead", [3, 32])  # fewer dead latents than auxk (all of them taken), and more
-def test_auxk_matches_dense_and_only_dead_latents_get_gradients(n_dead):
-    x, W_enc, W_dec = params(seed=1)
+def aux_inputs(seed: int, n_dead: int, dtype=torch.float64):
+    """``params`` plus a pre-encoder bias, a detached error, per-vector scales and ``n_dead`` dead latents."""
+    x, W_enc, W_dec = params(seed=seed, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 100)
+    b = torch.randn(16, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    error = torch.randn(64, 16, generator=g, dtype=torch.float64).to(dtype)
+    scale = torch.rand(64, 1, generator=g, dtype=torch.float64).to(dtype) + 0.5
     dead = torch.zeros(96, dtype=torch.bool)
-    dead[torch.randperm(96, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
-    target = torch.randn(64, 16, dtype=torch.float64)
-    aux = auxk_decode(x, W_enc, W_dec, None, dead, 8)
-    ref = naive_aux(x, W_enc, W_dec, dead, 8)
-    torch.testing.assert_close(aux, ref)
-    got = grads((aux - target).pow(2).sum(), x, W_enc, W_dec)
-    for a, r in zip(got, grads((ref - target).pow(2).sum(), x, W_enc, W_dec)):
+    dead[torch.randperm(96, generator=g)[:n_dead]] = True
+    return x, W_enc, W_dec, b, error, scale, dead
+
+
+# 3 and 12 dead: fewer than features (the Gram path), 32: more. 12 and 32 with auxk 8: more dead latents
+# than auxk (the TopK's selection), 32 with auxk 30: more, but no vector with more than 30 positive.
+@pytest.mark.parametrize(("n_dead", "auxk"), [(3, 8), (12, 8), (32, 8), (32, 30)])
+def test_auxk_matches_dense_and_only_dead_latents_get_gradients(n_dead, auxk):
+    x, W_enc, W_dec, b, error, scale, dead = aux_inputs(1, n_dead)
+    got = auxk_sq_error(x, error, scale, W_enc, W_dec, b, dead, auxk)
+    aux_error = error + scale * naive_aux(x, W_enc, W_dec, dead, auxk, b=b)  # AuxK's reconstruction, built
+    want = aux_error.pow(2).sum() - error.pow(2).sum()
+    torch.testing.assert_close(got, want)
+    g_got, g_want = grads(got, x, W_enc, W_dec, b), grads(want, x, W_enc, W_dec, b)
+    assert all(g.is_sparse for g in g_got[1:3])  # rows of the dead latents alone: added in place to the TopK's grads
+    g_got = [g.to_dense() for g in g_got]
+    for a, r in zip(g_got, g_want):
         torch.testing.assert_close(a, r)
-    for g in got[1:]:  # the encoder's and the decoder's rows of live latents get nothing
+    for g in g_got[1:3]:  # the encoder's and the decoder's rows of live latents get nothing
         assert g[~dead].abs().sum() == 0 and g[dead].abs().sum() > 0
 
 
-def test_auxk_under_bf16_autocast_stays_close_to_fp32():
-    """Under autocast AuxK's two products run in bf16, as autocast's linear layers would."""
-    x, W_enc, W_dec = (t.detach().float() for t in params(seed=4))
-    dead = torch.arange(96) % 5 == 0
+@pytest.mark.parametrize("n_dead", [12, 32])
+def test_auxk_under_bf16_autocast_stays_close_to_fp32(n_dead):
+    """Under autocast AuxK's products run in bf16, as autocast's linear layers would; the sums in fp32."""
+    x, W_enc, W_dec, b, error, scale, dead = (t.detach() if torch.is_tensor(t) and t.is_floating_point() else t
+                                              for t in aux_inputs(4, n_dead, torch.float32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = auxk_decode(x, W_enc, W_dec, None, dead, 8)
-    ref = auxk_decode(x, W_enc, W_dec, None, dead, 8)
-    assert low.dtype == torch.bfloat16
-    assert (low.float() - ref).norm() < 0.05 * ref.norm()
+        low = auxk_sq_error(x, error, scale, W_enc, W_dec, b, dead, 8)
+    ref = auxk_sq_error(x, error, scale, W_enc, W_dec, b, dead, 8)
+    assert low.dtype == torch.float32
+    assert abs(low - ref) < 0.01 * abs(ref)
 
 
 def test_relu_after_topk_blocks_negative_values(path):
