@@ -269,6 +269,19 @@ def test_paper_profile_is_the_papers_sweep():
     assert cfg.lr == 1e-4 and cfg.max_length == 2048 and cfg.tokens_per_step == 131_072
 
 
+def test_recipe_study_holds_the_default_recipe_at_several_budgets():
+    """The evaluation chapter's budget curve and the training chapter's "used here" mark need the
+    recorded study to match the default profile's recipe (it once did not: a renamed model)."""
+    from dataclasses import asdict
+
+    from book.perf import recipe_points, recipe_study
+
+    cfg = asdict(load_profile("default").train_config())
+    study = recipe_study(cfg)
+    assert (study["table"]["used here"] == "yes").sum() == 1
+    assert recipe_points(study["records"], cfg)["tokens"].nunique() >= 2
+
+
 # ----------------------------------------------------------------------------- environment
 
 
