@@ -133,10 +133,10 @@ def same_recipe(a: dict, b: dict) -> bool:
 
 
 def budget_curve(points: pd.DataFrame) -> pd.DataFrame:
-    """For each target, a power law ``gap = c * tokens^slope`` fitted (least squares in log-log) to
-    the points (``tokens`` and the results columns of TARGETS), where the gap to perfection is FVU,
-    1 - CE recovered or the dead fraction, and the token budget at which it reaches the target
-    (NaN with fewer than two budgets or no decrease)."""
+    """For each target, a power law ``gap = exp(intercept) * tokens^slope`` fitted (least squares in
+    log-log) to the points (``tokens`` and the results columns of TARGETS), where the gap to
+    perfection is FVU, 1 - CE recovered or the dead fraction, and the token budget at which it
+    reaches the target (NaN with fewer than two budgets or no decrease)."""
     import numpy as np
 
     rows = []
@@ -144,14 +144,23 @@ def budget_curve(points: pd.DataFrame) -> pd.DataFrame:
         flip = sense == "at least"  # CE recovered: its gap to 1 falls
         gap = (1 - points[key]) if flip else points[key]
         ok = (gap > 0) & (points["tokens"] > 0)
-        needed, slope = float("nan"), float("nan")
+        needed, slope, intercept = float("nan"), float("nan"), float("nan")
         if points.loc[ok, "tokens"].nunique() >= 2:
             slope, intercept = np.polyfit(np.log(points.loc[ok, "tokens"]), np.log(gap[ok]), 1)
             goal = (1 - bound) if flip else bound
             if slope < 0:
                 needed = float(np.exp((np.log(goal) - intercept) / slope))
-        rows.append({"metric": metric, "slope": slope, "tokens to reach the target": needed})
+        rows.append({"metric": metric, "slope": slope, "intercept": intercept, "tokens to reach the target": needed})
     return pd.DataFrame(rows).set_index("metric")
+
+
+def at_budget(fit: pd.DataFrame, tokens: float) -> pd.Series:
+    """Each target metric that ``budget_curve``'s power laws give after ``tokens`` training tokens."""
+    import numpy as np
+
+    gap = np.exp(fit["intercept"] + fit["slope"] * np.log(tokens))
+    flip = pd.Series({metric: sense == "at least" for metric, (_, _, sense) in TARGETS.items()})
+    return gap.where(~flip[gap.index], 1 - gap)
 
 
 def budget_points(study: dict | None, cfg, results: dict[str, float]) -> pd.DataFrame:

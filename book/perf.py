@@ -63,6 +63,27 @@ def notebook_timings(out: Path) -> pd.DataFrame:
     return frame
 
 
+def time_budget(fit: pd.DataFrame, tokens: int, tokens_per_s: float, other_seconds: float,
+                budget_seconds: float) -> pd.DataFrame:
+    """Training budgets against the notebooks' wall time on this machine, one row each: this build's
+    (``tokens``), the most that fits ``budget_seconds`` here, and what each target needs (``fit``, from
+    ``book.evals.budget_curve``). Each row gives its tokens, the notebooks' minutes they imply (the
+    ``other_seconds`` the notebooks spent beside training kept, training at this build's
+    ``tokens_per_s``) and the metrics the fitted curves give there."""
+    from book.evals import at_budget
+
+    most = (budget_seconds - other_seconds) * tokens_per_s
+    budgets = {"this build": tokens, f"the most within {budget_seconds / 60:.0f} min": most}
+    budgets |= {f"{metric} at its target": row["tokens to reach the target"] for metric, row in fit.iterrows()}
+    rows = []
+    for name, n in budgets.items():
+        ok = n > 0  # NaN (no fit) and a budget spent before training are not budgets
+        rows.append({"budget": name, "tokens": n if ok else float("nan"),
+                     "notebook minutes": (other_seconds + n / tokens_per_s) / 60 if ok else float("nan"),
+                     **(at_budget(fit, n) if ok else {})})
+    return pd.DataFrame(rows).set_index("budget")
+
+
 def flatten(data, prefix: str = "") -> pd.DataFrame:
     """A benchmark JSON of any shape as a table: a list of records as rows, else ``key: value``
     rows with nested keys joined by '/'."""

@@ -1,9 +1,10 @@
 """The encoder product's precision, chosen per machine by measuring rather than assuming.
 
 Whether bf16 pays depends on the CPU, and its vendor or feature flags do not say by how much
-(PyTorch's bf16 kernels emulate what a chip lacks): on an AMD EPYC (2 cores) bf16 GEMMs run 2.6x
-faster than fp32; on an Intel Xeon without AMX bf16 (130-150 GFLOP/s) is slower than fp32
-(200-250 GFLOP/s); on a Xeon with AMX it is 4x faster or more. So ``gemm_rates`` times one
+(PyTorch's bf16 kernels emulate what a chip lacks): on an AMD EPYC with avx512_bf16 (2 cores) bf16
+GEMMs run 2-4.6x faster than fp32; on an Intel Xeon without AMX bf16 (130-150 GFLOP/s) is slower
+than fp32 (200-250 GFLOP/s); on a Xeon with AMX it is 4x faster or more; on an EPYC with AVX2 and
+no AVX-512 (Zen 3) bf16 runs at 19 GFLOP/s, an eighth of fp32's 160. So ``gemm_rates`` times one
 encoder-shaped product in each precision (well under a second), once per machine (CPU model,
 cores, torch threads, torch version, oneDNN's instruction-set cap: what the rates depend on), and
 caches the result as JSON in ``cache_dir()/machine``. ``precision="auto"`` takes bf16 where it

@@ -282,6 +282,35 @@ def test_recipe_study_holds_the_default_recipe_at_several_budgets():
     assert recipe_points(study["records"], cfg)["tokens"].nunique() >= 2
 
 
+def test_time_budget_reads_the_curve_at_the_budget_that_fits():
+    """The performance chapter's time budget: power laws fitted to points on known curves, then
+    the most tokens that fit the budget at a given rate, and each target's tokens and minutes."""
+    import pandas as pd
+
+    from book.evals import TARGETS, at_budget, budget_curve
+    from book.perf import time_budget
+
+    fvu, rec, dead = TARGETS.values()
+    tokens = pd.Series([1e5, 2e5, 4e5])
+    points = pd.DataFrame({"tokens": tokens, fvu[0]: 30 * tokens ** -0.5, rec[0]: 1 - 10 * tokens ** -0.5,
+                           dead[0]: 0.5 * tokens ** -0.25})
+    fit = budget_curve(points)
+    assert fit["slope"].round(6).tolist() == [-0.5, -0.5, -0.25]
+    assert at_budget(fit, 9e4).round(6).tolist() == [0.1, round(1 - 10 / 300, 6), round(0.5 / 9e4 ** 0.25, 6)]
+    needed = fit["tokens to reach the target"]
+    assert needed.tolist() == pytest.approx([(30 / 0.1) ** 2, (10 / 0.08) ** 2, (0.5 / 0.02) ** 4])
+
+    table = time_budget(fit, 200_000, tokens_per_s=100.0, other_seconds=600.0, budget_seconds=1800.0)
+    assert list(table.index) == ["this build", "the most within 30 min", *(f"{m} at its target" for m in TARGETS)]
+    assert table.loc["this build", "notebook minutes"] == (600 + 2000) / 60
+    assert table.loc["the most within 30 min", "tokens"] == 120_000
+    assert table.loc["the most within 30 min", "notebook minutes"] == 30
+    for metric, (_, bound, _) in TARGETS.items():
+        assert table.loc[f"{metric} at its target", metric] == pytest.approx(bound)
+    # a budget spent before training starts allows no training
+    assert time_budget(fit, 200_000, 100.0, 2000.0, 1800.0).loc["the most within 30 min"].isna().all()
+
+
 # ----------------------------------------------------------------------------- environment
 
 
