@@ -69,7 +69,7 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def make_mlsae(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
-    from mlsae.kernels import encode_path
+    from mlsae.kernels import encode_path, gemm_dtype
     from mlsae.model import MLSAE, SAEConfig
 
     sae = MLSAE(SAEConfig(n_inputs=x.shape[1], n_latents=n, k=k)).to(x.device).train()
@@ -87,10 +87,10 @@ def make_mlsae(x: torch.Tensor, n: int, k: int, bf16: bool) -> Step:
         sae.normalize_decoder()
         sae.update_dead(fired, x.shape[0])
 
-    def path() -> str:  # the encode path of the next step: "fp32 mixed-select", "bf16 tiled", ...
+    def path() -> str:  # the next step's encode path and product dtype: "fp32 mixed-select", "bf16 tiled", ...
         with autocast(x.device, bf16):
-            name = encode_path(x, sae.W_enc, k)
-        return f"{'bf16' if bf16 else 'fp32'} {name}"
+            name, dtype = encode_path(x, sae.W_enc, k), gemm_dtype(x)
+        return f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} {name}"
 
     step.path = path
     return step
@@ -345,7 +345,8 @@ def machine(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": precision.cpu_model(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gemm_rates": precision.gemm_rates(device),
-            "auto_precision": precision.resolve("auto", device)}
+            "auto_precision": precision.resolve("auto", device),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}  # a cap stands in for a CPU without AMX or bf16
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     for pkg in ("eai-sparsify", "sae-lens"):
@@ -361,7 +362,8 @@ def machine(device: torch.device) -> dict:
 def print_machine(info: dict) -> None:
     rates = info["gemm_rates"]
     print(f"{info['cpu']} ({info.get('gpu', 'CPU only')}), {info['cores']} cores, torch {info['torch']}, "
-          f"{info['threads']} threads, {datetime.date.today()}, load average {info['load_average'][0]:.1f}")
+          f"{info['threads']} threads, {datetime.date.today()}, load average {info['load_average'][0]:.1f}"
+          + (f", oneDNN capped at {info['onednn_max_cpu_isa']}" if info.get("onednn_max_cpu_isa") else ""))
     print(f"GEMM [{' x '.join(map(str, rates['shape']))}]: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} "
           f"GFLOP/s (bf16/fp32 {rates['bf16'] / rates['fp32']:.2f}; mlsae.precision, measured {rates['measured']}); "
           f"auto precision: {info['auto_precision']}")

@@ -9,7 +9,9 @@ dense over those alone: ``auxk_sq_error``):
             latents by a chunk of vectors) folded into a running TopK per vector; in fp32 on a
             CPU whose bf16 product is measured (mlsae.precision) to be fast enough, latents are
             ranked by a bf16 product and the best 3k rescored in fp32 under a proven error bound
-            (the same TopK; 1.4-2.6x faster where bf16 GEMMs are 4x faster). ``encode_path`` says which.
+            (the same TopK; 1.4-2.6x faster where bf16 GEMMs are 4x faster); under bf16 autocast
+            on a CPU whose bf16 product is the slower, in fp32 (``gemm_dtype``). ``encode_path``
+            says which path.
 - decode:   out[i] = sum_j values[i, j] * W_dec[indices[i, j]]           (gathers of W_dec's rows)
 - backward: grad_W[f] = sum over (i, j) with indices[i, j] == f of g[i, j] * x[i]   (scatter)
             grad_x[i] = sum_j g[i, j] * W_enc[indices[i, j]]            (embedding_bag)
@@ -77,10 +79,21 @@ class _Encoded(TopK):
 
 
 def gemm_dtype(x: Tensor) -> torch.dtype:
-    """The dtype of the encoder product: the autocast dtype when autocast is on, else x's dtype."""
+    """The dtype of the encoder product: the autocast dtype when autocast is on, else x's dtype;
+    but fp32 for an fp32 ``x`` under bf16 autocast where bf16 products are the slower
+    (``bf16_slower``): there fp32 is both faster and exact."""
     if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if dtype == torch.bfloat16 and x.dtype == torch.float32 and bf16_slower(x.device):
+            return torch.float32
+        return dtype
     return x.dtype
+
+
+def bf16_slower(device: torch.device) -> bool:
+    """Whether a bf16 encoder product is slower than an fp32 one on this CPU (measured by
+    mlsae.precision: an Intel Xeon without AMX, 0.6x; an EPYC without AVX-512, 0.1x)."""
+    return device.type == "cpu" and precision.bf16_speedup(device) < 1
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -224,6 +237,8 @@ def encode_path(x: Tensor, W_enc: Tensor, k: int) -> str:
     - ``"mixed-select"``: fp32, ranked by a bf16 product then rescored in fp32 (``_encode_mixed``);
     - ``"tiled"``: tiles of the product folded into a running TopK (many latents, native kernels);
     - ``"rows"``: chunks of vectors by all latents (few latents, CUDA, no native kernels).
+
+    The product's dtype is ``gemm_dtype``'s.
     """
     if x.dtype != torch.float32 or not _native(x, W_enc):
         return "rows"
@@ -385,6 +400,9 @@ def auxk_sq_error(x: Tensor, error: Tensor, scale: Tensor, W_enc: Tensor, W_dec:
     term of a 7,650-vector step with 39 dead latents took 26-28 ms, now 14-15 (AMX Xeon, bf16 and
     fp32). A selection inside the sparse encoder, before that, made the step 2.6x slower.
     """
+    if torch.is_autocast_enabled(x.device.type) and gemm_dtype(x) == torch.float32:  # as the encoder's product
+        with torch.autocast(x.device.type, enabled=False):
+            return auxk_sq_error(x, error, scale, W_enc, W_dec, b, dead, auxk)
     latents = dead.nonzero().flatten()
     W, D = (F.embedding(latents, w, sparse=True) for w in (W_enc, W_dec))  # sparse grads: added in place
     pre = F.linear(x, W, None if b is None else -(W @ b))  # (x - b) @ W.T without an [N, d] pass

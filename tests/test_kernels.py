@@ -33,6 +33,13 @@ def path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def bf16_products(monkeypatch):
+    """bf16 autocast runs bf16 products here whatever this machine's rates would choose (the test of
+    the fp32 branch forces it)."""
+    monkeypatch.setattr(kernels, "bf16_slower", lambda device: False)
+
+
 def naive(x, W_enc, W_dec, k, b=None):
     pre = (x if b is None else x - b) @ W_enc.T
     values, indices = pre.topk(k, dim=-1)
@@ -139,6 +146,34 @@ def test_auxk_under_bf16_autocast_stays_close_to_fp32(n_dead):
     ref = auxk_sq_error(x, error, scale, W_enc, W_dec, b, dead, 8)
     assert low.dtype == torch.float32
     assert abs(low - ref) < 0.01 * abs(ref)
+
+
+@pytest.mark.parametrize("slower", [False, True])
+def test_bf16_autocast_runs_fp32_products_where_bf16_is_slower(path, monkeypatch, slower):
+    """Where bf16 products are measured slower than fp32 ones (an Intel Xeon without AMX, an EPYC
+    without AVX-512), bf16 autocast runs the encoder's and AuxK's products in fp32: the TopK, the
+    gradients and AuxK's term are then those of fp32, bit for bit; elsewhere they are bf16's."""
+    monkeypatch.setattr(kernels, "bf16_slower", lambda device: slower)
+    x, W_enc, W_dec = params(n=200, d=32, f=256, seed=12, dtype=torch.float32)
+    b = torch.randn(32, generator=torch.Generator().manual_seed(3)).requires_grad_()
+
+    def run(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            topk = topk_encode(x, W_enc, 8, b)
+            loss = sparse_decode(topk, W_dec).float().pow(2).sum()
+        return topk.values, topk.indices, *grads(loss, x, W_enc, W_dec, b)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.gemm_dtype(x) == (torch.float32 if slower else torch.bfloat16)
+    low, ref = run(True), run(False)
+    assert all(torch.equal(a, r) for a, r in zip(low, ref)) == slower
+    top, ref_top = low[0].sort(-1).values, ref[0].sort(-1).values  # bf16's may pick other near-ties
+    torch.testing.assert_close(top, ref_top, rtol=0.02, atol=0.02 * ref_top.abs().max().item())
+
+    x, W_enc, W_dec, b, error, scale, dead = aux_inputs(4, 12, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = auxk_sq_error(x, error, scale, W_enc, W_dec, b, dead, 8)
+    assert torch.equal(low, auxk_sq_error(x, error, scale, W_enc, W_dec, b, dead, 8)) == slower
 
 
 def test_relu_after_topk_blocks_negative_values(path):
