@@ -11,13 +11,14 @@ from book.stages import read_metrics
 
 
 def training_rows(folders: list[Path], cfg) -> pd.DataFrame:
-    """Throughput at the end of training: the sweep's one pass (its MLSAEs and per-layer baselines
-    share one log rate)."""
+    """Throughput at the end of training: the sweep's one pass (its MLSAEs, per-layer baselines and
+    tuned-lens copy share one log rate)."""
     rows = []
     if folders and (folders[0] / "metrics.jsonl").is_file():
         last = read_metrics(folders[0]).iloc[-1]
         baselines = f" + {len(cfg.baselines)} per-layer SAEs" if cfg.baselines else ""
-        rows.append({"run": f"sweep ({len(folders)} MLSAEs{baselines})", "tokens": int(last["tokens"]),
+        lens = " + its tuned-lens copy" if cfg.lens_copy else ""
+        rows.append({"run": f"sweep ({len(folders)} MLSAEs{baselines}{lens})", "tokens": int(last["tokens"]),
                      "tokens/s": float(last["tokens_per_s"])})
     frame = pd.DataFrame(rows)
     if not frame.empty:
