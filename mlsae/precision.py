@@ -33,7 +33,7 @@ AUTO_BF16_SPEEDUP = 1.2  # auto takes bf16 only when at least this much faster: 
 SHAPE = (512, 576, 4608)  # vectors x d x latents: one tile of the encoder product (2.7 GFLOP)
 REPEATS = 5  # timed products per precision, after a warm-up; the fastest counts (noise only slows)
 
-_rates: dict[Path, dict] = {}  # per cache file: this process measures or reads once
+_rates: dict[tuple[str, ...], dict] = {}  # per machine facts: this process measures or reads once
 
 
 def resolve(precision: str, device: torch.device | str) -> str:
@@ -72,14 +72,15 @@ def gemm_rates(device: torch.device | str = "cpu") -> dict:
     """
     device = torch.device(device)
     facts = machine(device)
-    path = cache_dir() / "machine" / f"{_slug(facts)}.json"
-    rates = _rates.get(path)
+    key = tuple(map(str, facts.values()))  # asked for per encoder product: no file path built for a known key
+    rates = _rates.get(key)
     if rates is None:
+        path = cache_dir() / "machine" / f"{_slug(facts)}.json"
         rates = _load(path, facts)
         if rates is None:
             rates = {**facts, **_measure(device), "measured": datetime.datetime.now().isoformat(timespec="seconds")}
             atomic_write_text(path, json.dumps(rates, indent=2) + "\n")
-        _rates[path] = rates
+        _rates[key] = rates
     return rates
 
 
