@@ -89,7 +89,11 @@ class Residuals:
     @property
     def kept(self) -> Tensor:
         """``[L, N, d]`` float32: the kept positions, the MLSAE's input."""
-        return self.acts[:, self.keep].float()
+        return self.kept_in(slice(None))
+
+    def kept_in(self, sequences: slice) -> Tensor:
+        """``kept`` of some of the batch's sequences."""
+        return self.acts[:, sequences][:, self.keep[sequences]].float()
 
 
 def read_residuals(transformer: Transformer, ids: Tensor, layers: Sequence[int], rule: PositionRule, *,

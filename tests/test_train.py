@@ -95,13 +95,14 @@ def test_learning_rate_schedule():
     assert constant.lr_at(7) == pytest.approx(1e-3)
 
 
-def test_kill_and_resume_equals_uninterrupted(setup):
-    full = setup["tmp"] / "full"
-    assert run(args(setup, full)).returncode == 0
-    part = setup["tmp"] / "killed"
+@pytest.mark.parametrize("batch_size", ["2", "8"])  # 2 micro-batches per step; 2 steps per forward pass
+def test_kill_and_resume_equals_uninterrupted(setup, batch_size):
+    full = setup["tmp"] / f"full-{batch_size}"
+    assert run(args(setup, full, "--batch_size", batch_size)).returncode == 0
+    part = setup["tmp"] / f"killed-{batch_size}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for delay in (4.0, 1.0):  # kill twice, at arbitrary moments after the first checkpoint
-        proc = subprocess.Popen([sys.executable, "-m", "mlsae.train", *args(setup, part),
+        proc = subprocess.Popen([sys.executable, "-m", "mlsae.train", *args(setup, part, "--batch_size", batch_size),
                                  *(["--resume"] if (part / "checkpoint").exists() else [])],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
@@ -110,7 +111,7 @@ def test_kill_and_resume_equals_uninterrupted(setup):
         time.sleep(delay * random.random())
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    result = run(args(setup, part, "--resume"))
+    result = run(args(setup, part, "--batch_size", batch_size, "--resume"))
     assert result.returncode == 0, result.stderr
     a, b = weights(only_run(full)), weights(only_run(part))
     assert a.keys() == b.keys()
@@ -120,6 +121,22 @@ def test_kill_and_resume_equals_uninterrupted(setup):
     log_b = [json.loads(x) for x in (only_run(part) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_b] == [r["step"] for r in log_a]
     assert [r["loss/total"] for r in log_b] == [r["loss/total"] for r in log_a]
+
+
+def test_a_forward_pass_over_several_steps_trains_as_one_per_step(setup):
+    """batch_size above a step's sequences: one transformer forward reads two steps, which then
+    train in turn on the same data, in the same order, as with a forward pass per step (up to the
+    rounding of a larger product)."""
+    runs = {}
+    for batch_size in ("4", "8"):
+        runs[batch_size] = setup["tmp"] / f"forward-{batch_size}"
+        result = run(args(setup, runs[batch_size], "--batch_size", batch_size, "--max_tokens", "640"))
+        assert result.returncode == 0, result.stderr
+    logs = [[json.loads(x) for x in (only_run(out) / "metrics.jsonl").read_text().splitlines()] for out in runs.values()]
+    assert [r["tokens"] for r in logs[0]] == [r["tokens"] for r in logs[1]]
+    a, b = weights(only_run(runs["4"])), weights(only_run(runs["8"]))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
 def test_sweep_trains_each_config_as_its_solo_run(setup):
@@ -180,6 +197,8 @@ def test_baselines_train_in_the_sweeps_pass_as_they_would_alone(setup):
     (["-k", "1000"], "larger than the number of latents"),
     (["--layers", "7"], "out of range"),
     (["--tokens_per_step", "100"], "multiple of"),
+    (["--batch_size", "3"], "batch_size (3) must divide the 4 sequences of a step, or be a multiple of them"),
+    (["--batch_size", "8", "--checkpoint_every", "3"], "multiple of the 2 steps that one forward pass"),
     (["--model_name", "/nonexistent/model"], "cannot load"),
     (["--path", "/nonexistent/data.jsonl.zst"], "no such file"),
     (["--precision", "fp8"], "invalid choice"),
