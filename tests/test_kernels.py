@@ -253,6 +253,26 @@ def test_fp32_select_by_bf16_product_is_exact(monkeypatch, case):
     torch.testing.assert_close(values.sort(-1).values[ok], plain.sort(-1).values[ok], rtol=1e-5, atol=1e-5)
 
 
+@native_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ties_keep_the_lowest_latents(dtype):
+    """Values tie often in bf16: every selection keeps, of equal values, the lowest latents, so the
+    row and tile paths (and machines with and without AVX-512) choose the same TopK."""
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randint(0, 40, (64, 3000), generator=g).to(dtype)  # about 75 copies of each value per row
+    k = 50
+    order = pre.float().sort(dim=-1, descending=True, stable=True)  # stable: of equal values, the lower index first
+    expected = order.indices[:, :k].sort(-1).values
+    values, indices = native.topk_rows(pre, k)
+    assert torch.equal(indices.sort(-1).values, expected)
+    state = native.TopKState(64, k)
+    for c0 in range(0, 3000, 700):  # blocks of latents, folded in as the tiled path does
+        state.add(pre[:, c0 : c0 + 700].contiguous(), c0)
+    values, indices = state.finish(relu=False)
+    assert torch.equal(indices.sort(-1).values, expected)
+    assert torch.equal(values.sort(-1).values, order.values[:, :k].float().sort(-1).values)
+
+
 def test_dense_latents_scatter():
     topk = TopK(torch.tensor([[1.0, 2.0]]), torch.tensor([[3, 0]]))
     assert dense_latents(topk, 5).tolist() == [[2.0, 0, 0, 1.0, 0]]

@@ -22,16 +22,33 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* Reorder (v, ix)[0..m) so that its k largest values come first (unordered); ix may be NULL. */
+/* The TopK's order: a larger value first, and of equal values the lower index (latent), so that
+ * every path, with or without AVX-512, keeps the same latents when values tie (bf16 products tie
+ * often). */
+static inline int ranks_above(float av, int64_t ai, float bv, int64_t bi) {
+    return av > bv || (av == bv && ai < bi);
+}
+
+/* Reorder (v, ix)[0..m) so that its k first entries in the TopK's order come first (unordered);
+ * ix may be NULL (then only the values matter: ties are taken in any order). */
 static void select_largest(float* v, int64_t* ix, int64_t m, int64_t k) {
     int64_t lo = 0, hi = m - 1;
+#define ABOVE(a, b) (ix ? ranks_above(v[a], ix[a], v[b], ix[b]) : v[a] > v[b])
     while (lo < hi) {
-        float a = v[lo], b = v[lo + (hi - lo) / 2], c = v[hi];
-        float pivot = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
+        int64_t a = lo, b = lo + (hi - lo) / 2, c = hi; /* the median of three, by position */
+        int64_t med = ABOVE(a, b) ? (ABOVE(b, c) ? b : (ABOVE(a, c) ? c : a)) : (ABOVE(a, c) ? a : (ABOVE(b, c) ? c : b));
+#undef ABOVE
+        float pv = v[med];
+        int64_t pi = ix ? ix[med] : 0;
         int64_t i = lo, j = hi;
         while (i <= j) {
-            while (v[i] > pivot) i++;
-            while (v[j] < pivot) j--;
+            if (ix) {
+                while (ranks_above(v[i], ix[i], pv, pi)) i++;
+                while (ranks_above(pv, pi, v[j], ix[j])) j--;
+            } else {
+                while (v[i] > pv) i++;
+                while (v[j] < pv) j--;
+            }
             if (i <= j) {
                 float tv = v[i]; v[i] = v[j]; v[j] = tv;
                 if (ix) { int64_t ti = ix[i]; ix[i] = ix[j]; ix[j] = ti; }
@@ -80,7 +97,7 @@ static float select_by_rank(float* v, const int64_t* ix, int64_t m, int64_t k, f
     }
     if (!out_v) return kth;
     /* The values above it (fewer than k: compressed out a vector at a time), then as many equal
-     * to it as needed, in index order. */
+     * to it as needed, lowest index first (the TopK's order). */
     int64_t w = 0;
     __m512 t = _mm512_set1_ps(kth);
     for (int64_t q = 0; q < nv; q++) {
@@ -94,15 +111,22 @@ static float select_by_rank(float* v, const int64_t* ix, int64_t m, int64_t k, f
             w++;
         }
     }
-    for (int64_t q = 0; q < nv && w < k; q++) {
-        __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + 16 * q), t, _CMP_EQ_OQ);
-        while (eq && w < k) {
-            int l = __builtin_ctz(eq);
+    int64_t tied[RANK_MAX], n_tied = 0;
+    for (int64_t q = 0; q < nv; q++) { /* not the padding, which ties with a -inf k-th value */
+        __mmask16 valid = (__mmask16)(m - 16 * q >= 16 ? 0xFFFF : (1u << (m - 16 * q)) - 1);
+        __mmask16 eq = _mm512_mask_cmp_ps_mask(valid, _mm512_loadu_ps(v + 16 * q), t, _CMP_EQ_OQ);
+        while (eq) {
+            tied[n_tied++] = 16 * q + __builtin_ctz(eq);
             eq &= eq - 1;
-            out_v[w] = v[16 * q + l];
-            if (ix) out_ix[w] = ix[16 * q + l];
-            w++;
         }
+    }
+    for (int64_t e = 0; w < k; e++, w++) { /* the lowest indices of the tied (by position without ix) */
+        int64_t best = e;
+        for (int64_t f = e + 1; ix && f < n_tied; f++) best = ix[tied[f]] < ix[tied[best]] ? f : best;
+        int64_t pos = tied[best];
+        tied[best] = tied[e];
+        out_v[w] = v[pos];
+        if (ix) out_ix[w] = ix[pos];
     }
     return kth;
 }
