@@ -63,11 +63,16 @@ $(OUT)/.fetched: $(STAMP) $(PROFILE_FILE)
 
 fetch: $(OUT)/.fetched
 
+# The time budget: training plans its steps to let the book finish within the profile's
+# performance.budget_minutes of make's start (book.stages.ensure_trained); FULL_RECIPE=1 trains the
+# profile's whole recipe, however long that takes.
+BUILD_START := $(if $(FULL_RECIPE),,$(shell date +%s))
+
 # Each notebook executed by papermill under the profile. Inside, training, evaluation and the
 # analysis passes are skipped when their outputs were made with the same options (training
 # resumes from its last checkpoint if it was interrupted).
 $(NB_OUT)/%.ipynb: notebooks/%.ipynb $(PROFILE_FILE) $(PKG_SRC) $(OUT)/.fetched
-	$(PY) -m book run $* --profile $(PROFILE)
+	MLSAE_BUILD_START=$(BUILD_START) $(PY) -m book run $* --profile $(PROFILE)
 
 # What each notebook reads from the notebooks before it.
 $(NB_OUT)/evaluation.ipynb $(NB_OUT)/layer_distributions.ipynb $(NB_OUT)/prompt_heatmaps.ipynb \

@@ -40,6 +40,7 @@ from book.stages import (
     sae_config,
     sae_positions,
     train_status,
+    trained_tokens,
     write_tables,
 )
 
@@ -69,5 +70,5 @@ def setup(profile: str = "default", *, quiet: bool = True) -> Profile:
 
 __all__ = [
     "PAPER", "EvalConfig", "claims", "analysis_dir", "data_options", "ensure_analysis_pass", "ensure_decoder", "ensure_resid", "resid_dir", "Profile", "Results", "ensure_evaluated", "ensure_evaluated_many", "ensure_lens", "lens_dir", "ensure_trained", "eval_dists_path", "eval_path", "fmt_number",
-    "load_profile", "main_run", "ratio_verdict", "number_tokens", "profile_path", "read_metrics", "recipe_study", "repo_root", "run_dirs", "baseline_dirs", "sae_config", "sae_positions", "setup", "train_status", "write_tables",
+    "load_profile", "main_run", "ratio_verdict", "number_tokens", "profile_path", "read_metrics", "recipe_study", "repo_root", "run_dirs", "baseline_dirs", "sae_config", "sae_positions", "setup", "train_status", "trained_tokens", "write_tables",
 ]

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from book.profile import load_profile, repo_root
+from book.stages import BUILD_START, DEADLINE, trained_tokens
 from book.results import NUMBER, PAPER, Results, normalise, number_tokens
 from mlsae.utils import MLSAEError, atomic_write_text
 
@@ -100,6 +101,8 @@ def execute(name: str, profile: str = "default", *, out_dir: str | None = None, 
               **(parameters or {})}
     saved_env = dict(os.environ)
     os.environ.update(quiet_env())
+    if (deadline := prof.deadline(os.environ.get(BUILD_START))) is not None:
+        os.environ[DEADLINE] = str(deadline)  # what training fits into (book.stages.ensure_trained)
     start = time.perf_counter()
     try:
         partial = dest.with_name(f".{name}.partial.ipynb")
@@ -196,7 +199,7 @@ def build_info(profile: str, out: Path) -> str:
         "",
         f"- Transformer: `{R.text('model', cfg.model_name)}`; data: `{R.text('data', cfg.path)}`.",
         f"- MLSAE sweep: expansion factor ∈ {{{R.param('ef', cfg.expansion_factor)}}} × k ∈ {{{R.param('k', cfg.k)}}}, "
-        f"each trained on {R.param('max_tokens', cfg.max_tokens)} tokens "
+        f"each trained on {R.param('max_tokens', trained_tokens(cfg))} tokens "
         f"({R.param('tokens_per_step', cfg.tokens_per_step)} per step, context {R.param('max_length', cfg.max_length)}).",
     ]
     if cfg.baselines:

@@ -165,13 +165,16 @@ def at_budget(fit: pd.DataFrame, tokens: float) -> pd.Series:
 
 def budget_points(study: dict | None, cfg, results: dict[str, float]) -> pd.DataFrame:
     """The target metrics against training tokens for ``cfg``'s recipe: the recipe study's runs of
-    that recipe (``book.perf.recipe_study``) and this build's main MLSAE (``results``)."""
+    that recipe (``book.perf.recipe_study``) and this build's main MLSAE (``results``, at the tokens
+    it trained on, ``book.stages.trained_tokens``)."""
     from dataclasses import asdict
 
     from book.perf import recipe_points
+    from book.stages import trained_tokens
 
     keys = [key for key, _, _ in TARGETS.values()]
     points = recipe_points(study["records"], asdict(cfg)) if study else pd.DataFrame(columns=["tokens", *keys, "source"])
-    this = pd.DataFrame([{"tokens": cfg.max_tokens, **{k: results[k] for k in keys}, "source": "this build"}])
-    points = points[points["tokens"] != cfg.max_tokens]  # this build's run stands for its budget
+    tokens = trained_tokens(cfg)
+    this = pd.DataFrame([{"tokens": tokens, **{k: results[k] for k in keys}, "source": "this build"}])
+    points = points[points["tokens"] != tokens]  # this build's run stands for its budget
     return pd.concat([points, this], ignore_index=True).sort_values("tokens", ignore_index=True)

@@ -105,6 +105,12 @@ class Profile:
         """Where evaluations, analyses, results and executed notebooks go: ``out/<profile>``."""
         return Path(override) if override else Path("out") / self.name
 
+    def deadline(self, build_start: str | None) -> float | None:
+        """When a build that started at ``build_start`` (epoch seconds; ``make`` passes its own start)
+        must be done: plus ``performance.budget_minutes``. None without either."""
+        minutes = self.section("performance").get("budget_minutes")
+        return float(build_start) + 60 * minutes if build_start and minutes else None
+
     # ----- stage configurations
 
     def train_config(self, runs_dir: str | Path | None = None, **overrides: Any) -> TrainConfig:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -133,6 +134,17 @@ def baseline_dirs(cfg: TrainConfig) -> dict[int, Path]:
     return {layer: Path(cfg.out_dir) / cfg.baseline_name(*cfg.baseline_size, layer) for layer in cfg.baselines or []}
 
 
+# The build's time budget: make passes its start (epoch seconds) to the notebooks it runs, and
+# book.build turns it into a deadline (the profile's performance.budget_minutes later), by which
+# ensure_trained plans training to end early enough for the chapters after it.
+BUILD_START, DEADLINE = "MLSAE_BUILD_START", "MLSAE_DEADLINE"
+
+
+def build_deadline() -> float | None:
+    value = os.environ.get(DEADLINE)
+    return float(value) if value else None
+
+
 def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RESUMABLE}
 
@@ -143,15 +155,27 @@ def checkpoint_state(out_dir: str | Path) -> dict | None:
 
 
 def train_status(cfg: TrainConfig) -> str:
-    """``done``, ``partial`` (same options, can resume), ``stale`` (other options) or ``none``."""
+    """``done``, ``partial`` (same options, can resume), ``stale`` (other options) or ``none``.
+
+    A run that a time budget cut short is done under a budget (any: the plan is kept), and stale
+    without one (the whole recipe is asked for)."""
     state = checkpoint_state(cfg.out_dir)
     if state is None:
         return "none"
-    if _comparable(state["config"]) != _comparable(asdict(cfg)):
+    planned = state.get("steps", cfg.steps)
+    budgeted = cfg.max_minutes is not None or build_deadline() is not None
+    if _comparable(state["config"]) != _comparable(asdict(cfg)) or (planned < cfg.steps and not budgeted):
         return "stale"
-    if state["step"] >= cfg.steps and all((d / "model.safetensors").is_file() for d in member_dirs(cfg)):
+    if state["step"] >= planned and all((d / "model.safetensors").is_file() for d in member_dirs(cfg)):
         return "done"
     return "partial"
+
+
+def trained_tokens(cfg: TrainConfig) -> int:
+    """The tokens that the run of ``cfg`` trains on: ``cfg.max_tokens``, or fewer where a time budget
+    cut its plan (``mlsae.train.Pace``), as its checkpoint records."""
+    state = checkpoint_state(cfg.out_dir) or {}
+    return state.get("steps", cfg.steps) * cfg.tokens_per_step
 
 
 def _remove_stale(cfg: TrainConfig) -> None:
@@ -167,9 +191,12 @@ def ensure_trained(cfg: TrainConfig, *, retrain_stale: bool = True) -> tuple[lis
     """Folders of the trained sweep of ``cfg`` (``run_dirs``; its baselines are in ``baseline_dirs``),
     training (or resuming) only what is missing.
 
-    Returns ``(folders, info)``; ``info`` says what happened (``status``) and the seconds spent.
+    Returns ``(folders, info)``; ``info`` says what happened (``status``), the seconds spent, the
+    tokens trained (``trained_tokens``) and what a time budget measured to plan them (``budget``,
+    ``mlsae.train.Pace``; None where no budget was set or the run ended before it was planned).
     A checkpoint made with other options is replaced when ``retrain_stale`` (the book's runs
-    folders belong to their profile), else it is an error.
+    folders belong to their profile), else it is an error. Under ``make`` training fits the build's
+    time budget (``build_deadline``; ``cfg.reserve_forward_tokens`` leaves time for the chapters after it).
     """
     if cfg.tuned_lens and not Path(cfg.tuned_lens).exists():
         raise MLSAEError(f"{cfg.out_dir} trains on the tuned lens {cfg.tuned_lens}, which is not fitted yet: "
@@ -183,8 +210,13 @@ def ensure_trained(cfg: TrainConfig, *, retrain_stale: bool = True) -> tuple[lis
     if status != "done":
         if cfg.malloc_tuning:
             native.tune_malloc()  # as the training command line does (the book runs in its own process)
+        deadline = build_deadline()
+        if deadline is not None and cfg.max_minutes is None:
+            cfg = replace(cfg, max_minutes=max((deadline - time.time()) / 60, 0.1))
         train(replace(cfg, resume=status == "partial"))
-    return run_dirs(cfg), {"status": status, "seconds": time.perf_counter() - start}
+    budget = (checkpoint_state(cfg.out_dir) or {}).get("budget")
+    return run_dirs(cfg), {"status": status, "seconds": time.perf_counter() - start, "tokens": trained_tokens(cfg),
+                           "budget": budget}
 
 
 def ensure_lens(cfg: LensConfig) -> dict:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -78,6 +79,14 @@ class TrainConfig(SAEOptions, DataOptions):
     """Tokens per optimizer step (gradient accumulation over micro-batches)."""
     max_tokens: int = 393_216
     """Training tokens in total (the positions that the position rule leaves out are then ignored)."""
+    max_minutes: float | None = None
+    """Wall-clock limit of this call, loading included: at the end of the warm-up training times its
+    steps and, where max_tokens would not fit, plans fewer (the schedule then decays to the earlier
+    end). The plan is saved with the checkpoint; resuming keeps it."""
+    reserve_forward_tokens: int = 0
+    """With --max_minutes: time to leave over for work after training (e.g. the book's later chapters,
+    mostly transformer forwards), as this many tokens through the transformer at the rate measured
+    while training."""
     layers: list[int] | None = flag(default=None, nargs="*")
     """Transformer layers to read (default: all); one layer trains a per-layer SAE."""
     tuned_lens: str | None = None
@@ -124,6 +133,8 @@ class TrainConfig(SAEOptions, DataOptions):
             raise MLSAEError("--expansion_factor and -k must be positive")
         if self.warmup_steps < 0:
             raise MLSAEError(f"--warmup_steps must be 0 or more, got {self.warmup_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise MLSAEError(f"--max_minutes must be positive, got {self.max_minutes}")
         if self.lens_copy and (not self.tuned_lens or self.per_layer):
             raise MLSAEError("--lens_copy adds a tuned-lens MLSAE beside the sweep: it needs --tuned_lens, and not "
                              "--per_layer")
@@ -161,13 +172,15 @@ class TrainConfig(SAEOptions, DataOptions):
                              f"that one forward pass of batch_size sequences spans")
         return sequences
 
-    def lr_at(self, step: int) -> float:
-        """The learning rate of optimizer step ``step`` (0-based): warm-up, then the schedule."""
+    def lr_at(self, step: int, steps: int | None = None) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) of a run of ``steps`` (default
+        ``self.steps``): warm-up, then the schedule."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / (self.warmup_steps + 1)
         if self.lr_schedule == "constant":
             return self.lr
-        progress = (step - self.warmup_steps) / max(self.steps - self.warmup_steps, 1)
+        steps = self.steps if steps is None else steps
+        progress = (step - self.warmup_steps) / max(steps - self.warmup_steps, 1)
         if self.lr_schedule == "linear":
             return self.lr * (1 - progress)
         return self.lr * 0.5 * (1 + math.cos(math.pi * progress))
@@ -214,7 +227,9 @@ class Member(NamedTuple):
 
 
 # Options that may differ between a run and its resumption.
-RESUMABLE = {"resume", "wandb", "log_every", "checkpoint_every", "device", "out_dir", "malloc_tuning"}
+# (The time budget decides the run only through its plan, which the checkpoint records.)
+RESUMABLE = {"resume", "wandb", "log_every", "checkpoint_every", "device", "out_dir", "malloc_tuning", "max_minutes",
+             "reserve_forward_tokens"}
 
 
 @dataclass
@@ -311,10 +326,61 @@ def resolve_layers(cfg: TrainConfig, n_layers: int) -> list[int]:
     return layers
 
 
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """How many steps the run trains: ``cfg.steps``, or fewer where ``--max_minutes`` would not hold
+    them (``budget``: what the choice was made from; None until it is made, or without a limit)."""
+
+    steps: int
+    budget: dict | None = None
+
+
+class Pace:
+    """Fits a run into ``--max_minutes``: times the steps, and the transformer's forward passes among
+    them, from the end of this call's first forward pass (which pays one-off costs) to the end of the
+    warm-up, where the schedule starts to depend on the last step; then plans that last step."""
+
+    SLACK = 0.9  # later steps run slower than the warm-up's (AuxK starts on the first dead latents)
+
+    def __init__(self, cfg: TrainConfig, started: float, first_step: int, spanned: int):
+        self.cfg, self.spanned = cfg, spanned
+        self.deadline = started + 60 * cfg.max_minutes
+        self.begin = first_step + spanned
+        at_least = max(self.begin + max(8, 2 * spanned), cfg.warmup_steps)
+        self.decide = first_step + -(-(at_least - first_step) // spanned) * spanned  # at a forward pass
+        self.clock, self.forward_s = 0.0, 0.0
+
+    def tick(self, step: int) -> None:
+        """Called before each step's inputs are read: starts the clock at ``begin``."""
+        if step == self.begin:
+            self.clock, self.forward_s = time.perf_counter(), 0.0
+
+    def plan(self, step: int, steps: int, world: int) -> Plan:
+        """The plan from here (at step ``decide``): the most steps, at most ``steps``, that end
+        within the limit while leaving ``reserve_forward_tokens`` of forward time."""
+        cfg, now = self.cfg, time.perf_counter()
+        step_s = (now - self.clock) / (step - self.begin)
+        forward_s = self.forward_s / ((step - self.begin) * cfg.tokens_per_step / world)  # per token
+        reserve = cfg.reserve_forward_tokens * forward_s
+        fit = int(self.SLACK * (self.deadline - now - reserve) / step_s)
+        # at least one more forward pass, whose last step saves the checkpoint that records the plan
+        planned = min(steps, step + max(fit // self.spanned, 1) * self.spanned)
+        if dist.is_initialized():  # every rank must stop at the same step
+            planned = int(all_reduce(torch.tensor(planned), dist.ReduceOp.MIN))
+        budget = {"max_minutes": cfg.max_minutes, "at_step": step, "seconds_left": round(self.deadline - now, 1),
+                  "seconds_per_step": round(step_s, 4), "forward_ms_per_token": round(1e3 * forward_s, 4),
+                  "reserve_seconds": round(reserve, 1), "recipe_steps": cfg.steps}
+        return Plan(planned, budget)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(out: Path, cfg: TrainConfig, runs: list[SweepSAE], step: int, loader: ChunkLoader, tokens: int) -> None:
+def save_checkpoint(out: Path, cfg: TrainConfig, runs: list[SweepSAE], step: int, loader: ChunkLoader, tokens: int,
+                    plan: Plan) -> None:
     """Write every run's state into ``out/checkpoint`` as one atomic swap of a folder."""
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -323,7 +389,8 @@ def save_checkpoint(out: Path, cfg: TrainConfig, runs: list[SweepSAE], step: int
         run.sae.save_pretrained(tmp / run.name)
         save_file(optimizer_tensors(run.optimizer, run.sae), tmp / run.name / "optimizer.safetensors")
     save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
-    state = {"step": step, "tokens": tokens, "loader": loader.state_dict(), "config": asdict(cfg)}
+    state = {"step": step, "tokens": tokens, "steps": plan.steps, "budget": plan.budget, "loader": loader.state_dict(),
+             "config": asdict(cfg)}
     (tmp / "trainer.json").write_text(json.dumps(state, indent=2))
     if final.exists():
         final.rename(old)
@@ -349,8 +416,8 @@ def load_optimizer(optimizer: torch.optim.Adam, sae: MLSAE, tensors: dict[str, t
             optimizer.state[p] = state
 
 
-def load_checkpoint(out: Path, cfg: TrainConfig, runs: list[SweepSAE], loader: ChunkLoader) -> tuple[int, int]:
-    """Restore runs and data position from ``out/checkpoint``; returns (step, tokens)."""
+def load_checkpoint(out: Path, cfg: TrainConfig, runs: list[SweepSAE], loader: ChunkLoader) -> tuple[int, int, Plan]:
+    """Restore runs and data position from ``out/checkpoint``; returns (step, tokens, plan)."""
     ckpt = out / "checkpoint"
     if not (ckpt / "trainer.json").is_file():
         old = out / "checkpoint.old"  # killed between the two renames of save_checkpoint
@@ -368,6 +435,10 @@ def load_checkpoint(out: Path, cfg: TrainConfig, runs: list[SweepSAE], loader: C
     if diff:
         details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise MLSAEError(f"--resume: the checkpoint in {out} was made with other options ({details})")
+    plan = Plan(state.get("steps", cfg.steps), state.get("budget"))
+    if plan.steps < cfg.steps and cfg.max_minutes is None:
+        raise MLSAEError(f"--resume: the checkpoint in {out} plans {plan.steps} of {cfg.steps} steps, to fit --max_minutes "
+                         f"{plan.budget['max_minutes']:g}: pass --max_minutes to finish it so, or start afresh")
     def read(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
         try:
             return load_file(path, device=device)
@@ -384,7 +455,7 @@ def load_checkpoint(out: Path, cfg: TrainConfig, runs: list[SweepSAE], loader: C
         truncate_log(run.out / "metrics.jsonl", state["step"])
     torch.set_rng_state(rng)
     loader.load_state_dict(state["loader"])
-    return state["step"], state["tokens"]
+    return state["step"], state["tokens"], plan
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -502,6 +573,7 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
 
 def train(cfg: TrainConfig) -> list[Path]:
     """Train every MLSAE of the sweep; returns the folders of the trained models."""
+    started = time.perf_counter()  # --max_minutes counts from here
     device = pick_device(cfg.device)
     rank, world = init_distributed(device)
     step_sequences = cfg.step_sequences(world)
@@ -521,9 +593,9 @@ def train(cfg: TrainConfig) -> list[Path]:
     loader = ChunkLoader(chunks, micro_batch(cfg, step_sequences), seed=cfg.seed, rank=rank, world_size=world)
     runs = make_sweep(cfg, transformer.d_model, layers, device, out)
 
-    step, tokens = 0, 0
+    step, tokens, plan = 0, 0, Plan(cfg.steps)
     if cfg.resume:
-        step, tokens = load_checkpoint(out, cfg, runs, loader)
+        step, tokens, plan = load_checkpoint(out, cfg, runs, loader)
     if rank == 0:
         for run in runs:
             run.out.mkdir(parents=True, exist_ok=True)
@@ -533,16 +605,29 @@ def train(cfg: TrainConfig) -> list[Path]:
     autocast = precision_autocast(precision, device)
     inputs = step_inputs(transformer, iter(loader), cfg, layers, autocast, step_sequences, device)
     # Rank 0 only; None leaves it to tqdm (off where stderr is no terminal or TQDM_DISABLE is set).
-    bar = tqdm(total=cfg.steps, initial=step, disable=None if rank == 0 else True, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=plan.steps, initial=step, disable=None if rank == 0 else True, unit="step", dynamic_ncols=True)
+    pace = None
+    if cfg.max_minutes is not None and plan.budget is None:
+        pace = Pace(cfg, started, step, max(1, cfg.batch_size // step_sequences))
     start, start_tokens = time.perf_counter(), tokens
     with transformer.weights_for(precision):
-        while step < cfg.steps:
+        while step < plan.steps:
+            if pace is not None:
+                pace.tick(step)
+                if step == pace.decide:
+                    plan, pace = pace.plan(step, plan.steps, world), None
+                    bar.total = plan.steps
+                    if rank == 0 and plan.steps < cfg.steps:
+                        tqdm.write(budget_message(cfg, plan), file=sys.stderr)
+            read = time.perf_counter()
             xs = next(inputs)
+            if pace is not None:
+                pace.forward_s += time.perf_counter() - read
             if step == 0:
                 init_pre_bias(runs, xs)
             for run in runs:
                 for group in run.optimizer.param_groups:
-                    group["lr"] = cfg.lr_at(step)
+                    group["lr"] = cfg.lr_at(step, plan.steps)
             stats = train_step(runs, xs, cfg, autocast, world)
             step += 1
             tokens += stats[0]["tokens"]
@@ -550,15 +635,15 @@ def train(cfg: TrainConfig) -> list[Path]:
             if rank == 0:
                 bar.update()
                 bar.set_postfix(loss=f"{stats[0]['loss']:.3f}", fvu=f"{stats[0]['fvu'].mean():.3f}")
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                if step % cfg.log_every == 0 or step == plan.steps:
                     for run, st, wb in itertools.zip_longest(runs, stats, wandb_runs):
                         record = log_record(run, st, step, tokens, (tokens - start_tokens) / elapsed, precision)
                         run.log(record)
                         if wb is not None:
                             wb.log(record, step=step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if step % cfg.checkpoint_every == 0 or step == plan.steps:
                 if rank == 0:
-                    save_checkpoint(out, cfg, runs, step, loader, tokens)
+                    save_checkpoint(out, cfg, runs, step, loader, tokens, plan)
                 if dist.is_initialized():
                     dist.barrier()
     bar.close()
@@ -568,6 +653,13 @@ def train(cfg: TrainConfig) -> list[Path]:
         for wb in wandb_runs:
             wb.finish()
     return [run.out for run in runs]
+
+
+def budget_message(cfg: TrainConfig, plan: Plan) -> str:
+    b = plan.budget
+    return (f"--max_minutes {cfg.max_minutes:.1f}: {b['seconds_left'] / 60:.1f} min left at step {b['at_step']} "
+            f"({b['seconds_per_step']:.2f} s per step, {b['reserve_seconds'] / 60:.1f} min kept for after training): "
+            f"training {plan.steps} of the {cfg.steps} steps ({plan.steps * cfg.tokens_per_step:,} tokens)")
 
 
 def save_model(sae: MLSAE, folder: Path) -> None:

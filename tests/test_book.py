@@ -178,6 +178,12 @@ def test_profile_notebooks():
     assert list(load_profile("gemma").section("compare")["profiles"]) == ["default"]
 
 
+def test_the_build_deadline_is_makes_start_plus_the_budget():
+    assert load_profile("default").deadline("1000") == 1000 + 45 * 60
+    assert load_profile("default").deadline("") is None  # outside make, or make all FULL_RECIPE=1
+    assert load_profile("gemma").deadline("1000") is None  # no performance.budget_minutes
+
+
 def test_every_number_in_the_book_was_recorded(smoke_book):
     problems = check_numbers(smoke_book["html"], smoke_book["out"] / "results")
     assert not problems, "\n".join(f"{p}: {t!r} in ...{c}..." for p, t, c in problems[:20])

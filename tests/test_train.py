@@ -370,3 +370,45 @@ def test_train_on_cuda_in_bf16_matches_cpu_and_resumes(setup):
     a, b = weights(only_run(full)), weights(only_run(part))
     for key in a:  # CUDA's scatter-adds are not bitwise deterministic
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+
+
+def test_a_time_limit_plans_fewer_steps(setup, monkeypatch):
+    """--max_minutes: at the end of the warm-up the run times its steps and plans those that leave
+    the reserve; the schedule decays to that end, and the checkpoint keeps the plan."""
+    limit = ("--max_tokens", "5120", "--warmup_steps", "4", "--max_minutes", "60")  # 40 steps; timed from step 1 to 9
+    full = setup["tmp"] / "limit-full"
+    assert run(args(setup, full, *limit)).returncode == 0  # an hour holds them
+    state = json.loads((full / "checkpoint" / "trainer.json").read_text())
+    assert state["step"] == state["steps"] == 40 and state["budget"]["at_step"] == 9
+
+    cut = setup["tmp"] / "limit-cut"
+    result = run(args(setup, cut, *limit, "--reserve_forward_tokens", str(10**12)))  # a reserve no hour holds
+    assert result.returncode == 0, result.stderr
+    assert "training 10 of the 40 steps (1,280 tokens)" in result.stderr  # one step after the plan
+    state = json.loads((cut / "checkpoint" / "trainer.json").read_text())
+    assert state["step"] == state["steps"] == 10 and state["budget"]["reserve_seconds"] > 3600
+    log = [json.loads(line) for line in (only_run(cut) / "metrics.jsonl").read_text().splitlines()]
+    cfg = TrainConfig(tokens_per_step=128, max_length=32, batch_size=2, max_tokens=5120, warmup_steps=4)
+    assert [r["step"] for r in log] == list(range(1, 11))
+    # the recipe's schedule until the plan is made (at least 8 steps timed), then a decay to the new end
+    assert [r["lr"] for r in log] == pytest.approx([cfg.lr_at(s) for s in range(9)] + [cfg.lr_at(9, 10)])
+    assert cfg.lr_at(9, 10) < cfg.lr_at(9) / 4
+
+    before = weights(only_run(cut))
+    again = run(args(setup, cut, *limit, "--resume"))  # the plan is kept: nothing left to train
+    assert again.returncode == 0 and "training" not in again.stderr
+    assert all(torch.equal(before[k], v) for k, v in weights(only_run(cut)).items())
+    refused = run(args(setup, cut, "--max_tokens", "5120", "--warmup_steps", "4", "--resume"))
+    assert refused.returncode == 2 and "plans 10 of 40 steps, to fit --max_minutes 60" in refused.stderr
+
+    # The book keeps a cut run while it builds under a time budget, and retrains it for the whole recipe.
+    from book.stages import DEADLINE, train_status, trained_tokens
+
+    book_cfg = TrainConfig(model_name=setup["model"], path=setup["data"], out_dir=str(cut), max_length=32,
+                           batch_size=2, tokens_per_step=128, max_tokens=5120, expansion_factor=[2], k=[4],
+                           precision="fp32", warmup_steps=4, log_every=1, checkpoint_every=4, device="cpu")
+    assert trained_tokens(book_cfg) == 1280
+    monkeypatch.delenv(DEADLINE, raising=False)
+    assert train_status(book_cfg) == "stale"
+    monkeypatch.setenv(DEADLINE, str(time.time() + 60))
+    assert train_status(book_cfg) == "done"
