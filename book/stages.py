@@ -196,7 +196,7 @@ def ensure_trained(cfg: TrainConfig, *, retrain_stale: bool = True) -> tuple[lis
     ``mlsae.train.Pace``; None where no budget was set or the run ended before it was planned).
     A checkpoint made with other options is replaced when ``retrain_stale`` (the book's runs
     folders belong to their profile), else it is an error. Under ``make`` training fits the build's
-    time budget (``build_deadline``; ``cfg.reserve_forward_tokens`` leaves time for the chapters after it).
+    time budget (``build_deadline``; ``cfg.reserve_steps`` leaves time for the chapters after it).
     """
     if cfg.tuned_lens and not Path(cfg.tuned_lens).exists():
         raise MLSAEError(f"{cfg.out_dir} trains on the tuned lens {cfg.tuned_lens}, which is not fitted yet: "

@@ -83,10 +83,9 @@ class TrainConfig(SAEOptions, DataOptions):
     """Wall-clock limit of this call, loading included: at the end of the warm-up training times its
     steps and, where max_tokens would not fit, plans fewer (the schedule then decays to the earlier
     end). The plan is saved with the checkpoint; resuming keeps it."""
-    reserve_forward_tokens: int = 0
-    """With --max_minutes: time to leave over for work after training (e.g. the book's later chapters,
-    mostly transformer forwards), as this many tokens through the transformer at the rate measured
-    while training."""
+    reserve_steps: int = 0
+    """With --max_minutes: time to leave over for work after training (e.g. the book's later chapters),
+    as this many training steps at the pace measured."""
     layers: list[int] | None = flag(default=None, nargs="*")
     """Transformer layers to read (default: all); one layer trains a per-layer SAE."""
     tuned_lens: str | None = None
@@ -229,7 +228,7 @@ class Member(NamedTuple):
 # Options that may differ between a run and its resumption.
 # (The time budget decides the run only through its plan, which the checkpoint records.)
 RESUMABLE = {"resume", "wandb", "log_every", "checkpoint_every", "device", "out_dir", "malloc_tuning", "max_minutes",
-             "reserve_forward_tokens"}
+             "reserve_steps"}
 
 
 @dataclass
@@ -339,9 +338,9 @@ class Plan:
 
 
 class Pace:
-    """Fits a run into ``--max_minutes``: times the steps, and the transformer's forward passes among
-    them, from the end of this call's first forward pass (which pays one-off costs) to the end of the
-    warm-up, where the schedule starts to depend on the last step; then plans that last step."""
+    """Fits a run into ``--max_minutes``: times the steps from the end of this call's first forward
+    pass (which pays one-off costs) to the end of the warm-up, where the schedule starts to depend on
+    the last step; then plans that last step."""
 
     SLACK = 0.9  # later steps run slower than the warm-up's (AuxK starts on the first dead latents)
 
@@ -351,28 +350,26 @@ class Pace:
         self.begin = first_step + spanned
         at_least = max(self.begin + max(8, 2 * spanned), cfg.warmup_steps)
         self.decide = first_step + -(-(at_least - first_step) // spanned) * spanned  # at a forward pass
-        self.clock, self.forward_s = 0.0, 0.0
+        self.clock = 0.0
 
     def tick(self, step: int) -> None:
-        """Called before each step's inputs are read: starts the clock at ``begin``."""
+        """Called before each step: starts the clock at ``begin``."""
         if step == self.begin:
-            self.clock, self.forward_s = time.perf_counter(), 0.0
+            self.clock = time.perf_counter()
 
-    def plan(self, step: int, steps: int, world: int) -> Plan:
+    def plan(self, step: int, steps: int) -> Plan:
         """The plan from here (at step ``decide``): the most steps, at most ``steps``, that end
-        within the limit while leaving ``reserve_forward_tokens`` of forward time."""
+        within the limit and leave ``reserve_steps`` of time over."""
         cfg, now = self.cfg, time.perf_counter()
         step_s = (now - self.clock) / (step - self.begin)
-        forward_s = self.forward_s / ((step - self.begin) * cfg.tokens_per_step / world)  # per token
-        reserve = cfg.reserve_forward_tokens * forward_s
-        fit = int(self.SLACK * (self.deadline - now - reserve) / step_s)
+        fit = int(self.SLACK * (self.deadline - now) / step_s) - cfg.reserve_steps
         # at least one more forward pass, whose last step saves the checkpoint that records the plan
         planned = min(steps, step + max(fit // self.spanned, 1) * self.spanned)
         if dist.is_initialized():  # every rank must stop at the same step
             planned = int(all_reduce(torch.tensor(planned), dist.ReduceOp.MIN))
         budget = {"max_minutes": cfg.max_minutes, "at_step": step, "seconds_left": round(self.deadline - now, 1),
-                  "seconds_per_step": round(step_s, 4), "forward_ms_per_token": round(1e3 * forward_s, 4),
-                  "reserve_seconds": round(reserve, 1), "recipe_steps": cfg.steps}
+                  "seconds_per_step": round(step_s, 4), "reserve_seconds": round(cfg.reserve_steps * step_s, 1),
+                  "recipe_steps": cfg.steps}
         return Plan(planned, budget)
 
 
@@ -615,14 +612,11 @@ def train(cfg: TrainConfig) -> list[Path]:
             if pace is not None:
                 pace.tick(step)
                 if step == pace.decide:
-                    plan, pace = pace.plan(step, plan.steps, world), None
+                    plan, pace = pace.plan(step, plan.steps), None
                     bar.total = plan.steps
                     if rank == 0 and plan.steps < cfg.steps:
                         tqdm.write(budget_message(cfg, plan), file=sys.stderr)
-            read = time.perf_counter()
             xs = next(inputs)
-            if pace is not None:
-                pace.forward_s += time.perf_counter() - read
             if step == 0:
                 init_pre_bias(runs, xs)
             for run in runs:

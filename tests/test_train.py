@@ -382,7 +382,7 @@ def test_a_time_limit_plans_fewer_steps(setup, monkeypatch):
     assert state["step"] == state["steps"] == 40 and state["budget"]["at_step"] == 9
 
     cut = setup["tmp"] / "limit-cut"
-    result = run(args(setup, cut, *limit, "--reserve_forward_tokens", str(10**12)))  # a reserve no hour holds
+    result = run(args(setup, cut, *limit, "--reserve_steps", str(10**9)))  # a reserve no hour holds
     assert result.returncode == 0, result.stderr
     assert "training 10 of the 40 steps (1,280 tokens)" in result.stderr  # one step after the plan
     state = json.loads((cut / "checkpoint" / "trainer.json").read_text())
