@@ -192,6 +192,7 @@ def build_info(profile: str, out: Path) -> str:
     prof = load_profile(profile)
     R = Results("book", out)
     cfg = prof.train_config()
+    tokens = trained_tokens(cfg)
     lines = [
         f"This book was built from the profile **{R.text('profile', prof.name)}** "
         f"(`{R.text('profile_file', _shown_path(prof.path))}`): "
@@ -199,10 +200,10 @@ def build_info(profile: str, out: Path) -> str:
         "",
         f"- Transformer: `{R.text('model', cfg.model_name)}`; data: `{R.text('data', cfg.path)}`.",
         f"- MLSAE sweep: expansion factor ∈ {{{R.param('ef', cfg.expansion_factor)}}} × k ∈ {{{R.param('k', cfg.k)}}}, "
-        f"each trained on {R.param('max_tokens', trained_tokens(cfg))} tokens "
+        f"each trained on {R.param('max_tokens', tokens)} tokens "
         f"({R.param('tokens_per_step', cfg.tokens_per_step)} per step, context {R.param('max_length', cfg.max_length)})"
         + (f", **cut by the time budget** from the recipe's {R.param('recipe_tokens', cfg.max_tokens)} (see the training "
-           "chapter): the metrics are those of an undertrained MLSAE." if trained_tokens(cfg) < cfg.max_tokens else "."),
+           "chapter): the metrics are those of an undertrained MLSAE." if tokens < cfg.max_tokens else "."),
     ]
     if cfg.baselines:
         lines.append(f"- Per-layer SAE baselines at layers {R.param('baseline_layers', cfg.baselines)}, trained in the sweep's pass.")

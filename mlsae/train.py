@@ -165,11 +165,15 @@ class TrainConfig(SAEOptions, DataOptions):
         if sequences % self.batch_size and self.batch_size % sequences:
             raise MLSAEError(f"batch_size ({self.batch_size}) must divide the {sequences} sequences of a step"
                              f"{' on each process' if world > 1 else ''}, or be a multiple of them")
-        spanned = max(1, self.batch_size // sequences)
+        spanned = self.steps_per_pass(sequences)
         if self.checkpoint_every % spanned:
             raise MLSAEError(f"--checkpoint_every ({self.checkpoint_every}) must be a multiple of the {spanned} steps "
                              f"that one forward pass of batch_size sequences spans")
         return sequences
+
+    def steps_per_pass(self, step_sequences: int) -> int:
+        """Optimizer steps one transformer forward of ``batch_size`` sequences spans (1 for a micro-batch)."""
+        return max(1, self.batch_size // step_sequences)
 
     def lr_at(self, step: int, steps: int | None = None) -> float:
         """The learning rate of optimizer step ``step`` (0-based) of a run of ``steps`` (default
@@ -605,7 +609,7 @@ def train(cfg: TrainConfig) -> list[Path]:
     bar = tqdm(total=plan.steps, initial=step, disable=None if rank == 0 else True, unit="step", dynamic_ncols=True)
     pace = None
     if cfg.max_minutes is not None and plan.budget is None:
-        pace = Pace(cfg, started, step, max(1, cfg.batch_size // step_sequences))
+        pace = Pace(cfg, started, step, cfg.steps_per_pass(step_sequences))
     start, start_tokens = time.perf_counter(), tokens
     with transformer.weights_for(precision):
         while step < plan.steps:
