@@ -408,6 +408,11 @@ def test_a_time_limit_plans_fewer_steps(setup, monkeypatch):
                            batch_size=2, tokens_per_step=128, max_tokens=5120, expansion_factor=[2], k=[4],
                            precision="fp32", warmup_steps=4, log_every=1, checkpoint_every=4, device="cpu")
     assert trained_tokens(book_cfg) == 1280
+    from book.perf import training_rows  # the performance chapter counts positions read, as the recipe does
+
+    row = training_rows([only_run(cut)], book_cfg).iloc[0]
+    assert row["tokens"] == 1280 > log[-1]["tokens"]  # the log counts the kept tokens
+    assert row["tokens/s"] == pytest.approx(log[-1]["tokens_per_s"] * 1280 / log[-1]["tokens"])
     monkeypatch.delenv(DEADLINE, raising=False)
     assert train_status(book_cfg) == "stale"
     monkeypatch.setenv(DEADLINE, str(time.time() + 60))
