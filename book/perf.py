@@ -7,21 +7,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from book.stages import read_metrics, trained_tokens
+from book.stages import read_metrics
 
 
 def training_rows(folders: list[Path], cfg) -> pd.DataFrame:
     """Throughput at the end of training: the sweep's one pass (its MLSAEs, per-layer baselines and
-    tuned-lens copy share one log rate). In positions read (``trained_tokens``), the unit of the
+    tuned-lens copy share one log rate). In positions read (steps x tokens per step), the unit of the
     recipe and of its budget curve: the log counts the kept tokens the SAEs trained on."""
     rows = []
     if folders and (folders[0] / "metrics.jsonl").is_file():
-        last = read_metrics(folders[0]).iloc[-1]
-        per_kept = last["step"] * cfg.tokens_per_step / last["tokens"]
+        last = read_metrics(folders[0]).iloc[-1]  # logged at the last step
+        positions = int(last["step"]) * cfg.tokens_per_step
         baselines = f" + {len(cfg.baselines)} per-layer SAEs" if cfg.baselines else ""
         lens = " + its tuned-lens copy" if cfg.lens_copy else ""
-        rows.append({"run": f"sweep ({len(folders)} MLSAEs{baselines}{lens})", "tokens": trained_tokens(cfg),
-                     "tokens/s": float(last["tokens_per_s"] * per_kept)})
+        rows.append({"run": f"sweep ({len(folders)} MLSAEs{baselines}{lens})", "tokens": positions,
+                     "tokens/s": float(last["tokens_per_s"] * positions / last["tokens"])})
     frame = pd.DataFrame(rows)
     if not frame.empty:
         frame["minutes"] = frame["tokens"] / frame["tokens/s"] / 60
