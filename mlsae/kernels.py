@@ -8,8 +8,8 @@ dense over those alone: ``auxk_sq_error``):
             by chunks of vectors (all latents), or for many latents by tiles (a block of
             latents by a chunk of vectors) folded into a running TopK per vector; in fp32 on a
             CPU whose bf16 product is measured (mlsae.precision) to be fast enough, latents are
-            ranked by a bf16 product and the best 3k rescored in fp32 under a proven error bound
-            (the same TopK; 1.4-2.6x faster where bf16 GEMMs are 4x faster); under bf16 autocast
+            ranked by a bf16 product plus a proven bound on its error, and the best 3k rescored
+            in fp32 (the same TopK; 1.4-2.6x faster where bf16 GEMMs are 4x faster); under bf16 autocast
             on a CPU whose bf16 product is the slower, in fp32 (``gemm_dtype``). ``encode_path``
             says which path.
 - decode:   out[i] = sum_j values[i, j] * W_dec[indices[i, j]]           (gathers of W_dec's rows)
@@ -52,8 +52,10 @@ TILED_MIN_LATENTS = 4 * LATENT_BLOCK
 SPAN_ROWS = 16384  # vectors per pass over W_enc on the tiled path
 # fp32 without autocast: rank latents with a bf16 product, then rescore in fp32 (exact; see
 # _encode_mixed), where mlsae.precision measures the bf16 product at least this many times faster
-# than fp32. Measured break-even (batch 4096, k 32): ~2.0x at 4608 latents, ~1.25x at 32768 (the
-# rescoring costs per vector, the saving per latent); AMX Xeon ~4-7x, EPYC 2.6x, no-AMX Xeon 0.6x.
+# than fp32. Measured break-even on random data (batch 4096, k 32): ~2.0x at 4608 latents, ~1.25x
+# at 32768 (the rescoring costs per vector, the saving per latent); AMX Xeon ~4-7x, EPYC 2.2-2.6x,
+# no-AMX Xeon 0.6x. On a trained MLSAE and real residuals (benchmarks/ranking_bound.py --sae), a
+# Zen 4 EPYC (bf16 2.4x fp32): 0.8 of the plain fp32 encode's time.
 MIXED_SELECT_SPEEDUP = 2.0
 
 
@@ -273,28 +275,32 @@ def _encode_chunks(x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, u_low: Te
 def _encode_mixed(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor]:
     """The fp32 TopK from a bf16 product (where bf16 GEMMs are fast enough: see MIXED_SELECT_SPEEDUP).
 
-    The bf16 product ranks each vector's latents; its 3k best are rescored in fp32, and an error
-    bound (inputs rounded to bf16: 2^-7 |u| |W_f| at most; outputs: 2^-7 of their size) proves
-    that no other latent can be in the fp32 TopK. Rows it cannot prove (near-ties across the
-    candidates, more as training sharpens the latents) get a second round with 16k candidates,
-    and what remains is computed in fp32. Same latents and values as the fp32 product, up to
-    fp32 rounding.
+    The bf16 product ranks each vector's latents by an upper bound of their fp32 scores: the bf16
+    score plus a proven bound on its error, |u - u16| |W_f| + |u16| |W_f - W16_f| (and the fp32
+    sums' rounding), which two appended columns add inside the product itself. Its 3k best are
+    rescored in fp32, and the bounds prove that no other latent can be in the fp32 TopK. A bound
+    per latent, not one for the largest row of W, is what settles most vectors of a trained MLSAE
+    in the first round (its rows differ in norm, and its scores crowd near the k-th). Rows it cannot
+    prove get a second round with 16k candidates, and what remains is computed in fp32. Same
+    latents and values as the fp32 product, up to fp32 rounding.
     """
     n, d = x.shape
     n_latents = W.shape[0]
-    W16 = _buffer("W_mixed", W.shape, torch.bfloat16, x.device).copy_(W)
-    error_per_norm = (2**-7 + 2**-15 + 2 * d * 2**-24) * float(torch.linalg.vector_norm(W, dim=1).max())
+    W16, W_norm, W16_norm, W_rounding = _ranking_operand(W, "W_mixed")
+    latent_err = _set_bounds(W16, d, W_norm, W_rounding)
+    fp32_sums = 3 * d * 2**-24  # of |u| |W_f|: the rounding of the bf16 product's sums and the rescoring's
     values = torch.empty(n, k, dtype=torch.float32, device=x.device)
     indices = torch.empty(n, k, dtype=torch.long, device=x.device)
     for s0 in range(0, n, SPAN_ROWS):
         s1 = min(s0 + SPAN_ROWS, n)
         u = _shifted(x[s0:s1], b, torch.float32)
-        u16 = _buffer("u_gemm", u.shape, torch.bfloat16, x.device).copy_(u)
-        error = torch.linalg.vector_norm(u, dim=1).mul_(error_per_norm)
-        v, i, left = _mixed_round(u, u16, error, W, W16, k, min(n_latents, 3 * k))
+        u16, u_norm, u16_norm, u_rounding = _ranking_operand(u, "u_mixed")
+        row_err = _set_bounds(u16, d, u_rounding.add_(u_norm, alpha=fp32_sums), u16_norm)
+        v, i, left = _mixed_round(u, u16, row_err, latent_err, W, W16, k, min(n_latents, 3 * k))
         if left.any():  # a second round, wider, for the rows the first could not settle
             rows = left.nonzero().flatten()
-            v2, i2, left2 = _mixed_round(u[rows], u16[rows], error[rows], W, W16, k, min(n_latents, 16 * k))
+            v2, i2, left2 = _mixed_round(u[rows], u16[rows], row_err[rows], latent_err, W, W16, k,
+                                         min(n_latents, 16 * k))
             if left2.any():
                 rows2 = left2.nonzero().flatten()
                 v2[rows2], i2[rows2] = _topk_relu(u[rows[rows2]] @ W.T, k)
@@ -303,15 +309,39 @@ def _encode_mixed(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor
     return [values, indices]
 
 
-def _mixed_round(u: Tensor, u16: Tensor, error: Tensor, W: Tensor, W16: Tensor, k: int, n_cand: int,
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+# The bf16 operands of _encode_mixed carry this many more columns: two error terms, then zeros.
+BOUND_COLUMNS = 8
+ROUND_UP = 1 + 2**-6  # an fp32 norm's rounding, then bf16's (2^-8): the columns never round down
+
+
+def _ranking_operand(t: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``[bf16(t) | zeros]`` (a buffer with BOUND_COLUMNS more columns), and per row of ``t`` the fp32
+    norms of t, of bf16(t) and of t - bf16(t) (exact in fp32)."""
+    m, d = t.shape
+    out = _buffer(name, (m, d + BOUND_COLUMNS), torch.bfloat16, t.device)
+    t16 = out[:, :d].copy_(t)
+    out[:, d:].zero_()
+    rounding = torch.sub(t, t16, out=_buffer("rounding", t.shape, torch.float32, t.device))
+    norm = torch.linalg.vector_norm
+    return out, norm(t, dim=1), norm(t16, dim=1, dtype=torch.float32), norm(rounding, dim=1)
+
+
+def _set_bounds(operand: Tensor, d: int, first: Tensor, second: Tensor) -> Tensor:
+    """Write ``first, second`` (rounded up) into the error columns of a ``_ranking_operand``; returns
+    them as the product reads them, [rows, 2] fp32."""
+    columns = operand[:, d : d + 2]
+    columns.copy_(torch.stack([first, second], 1).mul_(ROUND_UP))
+    return columns.float()
+
+
+def _mixed_round(u: Tensor, u16: Tensor, row_err: Tensor, latent_err: Tensor, W: Tensor, W16: Tensor, k: int,
+                 n_cand: int) -> tuple[Tensor, Tensor, Tensor]:
     """One round of _encode_mixed over the rows of ``u``: (values, indices, rows left unsettled)."""
     state = native.TopKState(u.shape[0], n_cand)
-    failed = _fold_tiles(state, u16, W16, n_cand)
-    if failed:  # NaN somewhere: no bound holds, every row left to fp32
-        error = torch.full_like(error, float("nan"))
+    if _fold_tiles(state, u16, W16, n_cand):  # NaN somewhere: no bound holds, every row left to fp32
+        row_err = torch.full_like(row_err, float("nan"))
     cand_values, cand_indices = state.finish(relu=False)
-    return native.rescore(cand_values, cand_indices, k, W.shape[0], error, u.contiguous(), W)
+    return native.rescore(cand_values, cand_indices, k, W.shape[0], row_err, latent_err, u.contiguous(), W)
 
 
 def _encode_tiles(inputs: Callable[[int, int], Tensor], n: int, W: Tensor, k: int) -> list[Tensor] | None:

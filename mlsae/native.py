@@ -233,19 +233,22 @@ class TopKState:
         return values, indices
 
 
-def rescore(values: Tensor, indices: Tensor, k: int, n_latents: int, error: Tensor, u: Tensor, W: Tensor,
-            ) -> tuple[Tensor, Tensor, Tensor]:
+def rescore(values: Tensor, indices: Tensor, k: int, n_latents: int, row_err: Tensor, latent_err: Tensor,
+            u: Tensor, W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Exact fp32 TopK (ReLU'd values, indices) of ``u @ W.T`` from the K candidates of a bf16 product.
 
-    ``values, indices [n, K]``: the bf16 product's K largest per row; ``error [n]`` bounds the
-    difference of a row's bf16 and fp32 values beyond 2^-7 of their size. Returns also a bool
-    mask of the rows the candidates could not settle (to be computed by the caller).
+    ``values, indices [n, K]``: the K largest upper bounds of the bf16 product per row, each a
+    bf16 score plus its error bound ``row_err[r, 0] latent_err[f, 0] + row_err[r, 1] latent_err[f, 1]``
+    (``mlsae.kernels._encode_mixed``). Returns also a bool mask of the rows the candidates could
+    not settle (to be computed by the caller).
     """
     n, K = values.shape
     out_v = torch.empty(n, k, dtype=torch.float32)
     out_i = torch.empty(n, k, dtype=torch.int64)
     flag = torch.empty(n, dtype=torch.uint8)
-    lib().mlsae_rescore(values, indices, n, K, k, n_latents, error, u, W, u.shape[1],
+    ea, eb = row_err.T.contiguous()
+    wn, dn = latent_err.T.contiguous()
+    lib().mlsae_rescore(values, indices, n, K, k, n_latents, ea, eb, wn, dn, u, W, u.shape[1],
                         out_v, out_i, flag, _threads())
     return out_v, out_i, flag.bool()
 

@@ -254,6 +254,34 @@ def test_fp32_select_by_bf16_product_is_exact(monkeypatch, case):
 
 
 @native_only
+def test_bf16_ranking_bounds_each_latent(monkeypatch):
+    """Rows of W differ in norm once trained (here one latent 30x the rest): the error bound of each
+    latent's bf16 score scales with its own row, so the first round (3k candidates) still settles
+    nearly every vector, where one bound per vector at the largest row settles few."""
+    monkeypatch.setattr(kernels, "mixed_select", lambda device: True)
+    g = torch.Generator().manual_seed(5)
+    x, W = torch.randn(512, 64, generator=g), torch.randn(3000, 64, generator=g)
+    W[7] *= 30
+    rounds = []
+
+    def spy(u, *args):
+        values, indices, left = mixed_round(u, *args)
+        rounds.append((len(u), int(left.sum())))
+        return values, indices, left
+
+    mixed_round = kernels._mixed_round
+    monkeypatch.setattr(kernels, "_mixed_round", spy)
+    values, indices = kernels._encode_chunks(x, W, None, 8)
+    assert rounds[0][0] == 512 and rounds[0][1] <= 5
+    ref = (x @ W.T).topk(8, dim=-1)
+    assert torch.equal(indices.sort(-1).values, ref.indices.sort(-1).values)
+    torch.testing.assert_close(values.sort(-1).values, ref.values.relu().sort(-1).values)
+    # the first version's bound, 2^-7 |u| at the largest row of W, would have left most rows unsettled
+    upper = x.bfloat16().float() @ W.bfloat16().float().T + (2**-7 * x.norm(dim=1) * W.norm(dim=1).max())[:, None]
+    assert ((upper >= ref.values[:, -1:]).sum(1) > 3 * 8).float().mean() > 0.5
+
+
+@native_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ties_keep_the_lowest_latents(dtype):
     """Values tie often in bf16: every selection keeps, of equal values, the lowest latents, so the

@@ -850,19 +850,21 @@ void mlsae_scaled_error_backward(const float* err, const float* w, int64_t n, in
 }
 
 /* Exact fp32 TopK from the candidates of a bf16 product. Row r: cv/ci[r] hold the K largest
- * bf16-product values and their latents; a bf16 value c of the row lies within
- * 2^-7 |c| + err[r] of the fp32 value (inputs rounded to bf16, fp32 sums, output rounded).
- * The candidates that may be in the fp32 TopK (upper bound >= the k-th largest lower bound) get
- * their fp32 values <u[r], W[f]>, and the k largest are kept (ReLU'd) in out_v/out_i. A latent
- * outside the candidates has a bf16 value <= the smallest candidate's, so if that one's upper
- * bound is below the k-th fp32 value (or K == F) the row is exact; otherwise flag[r] = 1 and the
- * row is left to the caller. Returns the number of flagged rows. */
-static inline float upper(float c, float e) { return c + fabsf(c) * 0x1p-7f + e; }
-static inline float lower(float c, float e) { return c - fabsf(c) * 0x1p-7f - e; }
+ * values of the bf16 product and their latents, where each value is an upper bound: the bf16
+ * inputs carry two appended columns that add err = ea[r] wn[f] + eb[r] dn[f], a bound on the
+ * distance of the bf16 score <u[r], W[f]> from the fp32 one (mlsae.kernels._encode_mixed), and
+ * the output is rounded to bf16 (2^-7 of its size). So a bound value c of latent f has the fp32
+ * value within [c - 2^-7 |c| - 2 err, c + 2^-7 |c|]. The candidates that may be in the fp32 TopK
+ * (upper bound >= the k-th largest lower bound) get their fp32 values <u[r], W[f]>, and the k
+ * largest are kept (ReLU'd) in out_v/out_i. A latent outside the candidates has a bound value
+ * <= the smallest candidate's, so if that one's upper bound is below the k-th fp32 value (or
+ * K == F) the row is exact; otherwise flag[r] = 1 and the row is left to the caller. Returns the
+ * number of flagged rows. */
+static inline float upper(float c) { return c + fabsf(c) * 0x1p-7f; }
 
 int64_t mlsae_rescore(const float* cv, const int64_t* ci, int64_t n, int64_t K, int64_t k, int64_t F,
-                      const float* err, const float* u, const float* W, int64_t d, float* out_v,
-                      int64_t* out_i, uint8_t* flag, int nthreads) {
+                      const float* ea, const float* eb, const float* wn, const float* dn, const float* u,
+                      const float* W, int64_t d, float* out_v, int64_t* out_i, uint8_t* flag, int nthreads) {
     int64_t flagged = 0;
 #pragma omp parallel num_threads(nthreads) reduction(+ : flagged)
     {
@@ -872,15 +874,17 @@ int64_t mlsae_rescore(const float* cv, const int64_t* ci, int64_t n, int64_t K, 
         for (int64_t r = 0; r < n; r++) {
             const float* v = cv + r * K;
             const int64_t* c = ci + r * K;
-            float e = err[r];
-            memcpy(wv, v, sizeof(float) * K);
-            float T = K <= RANK_MAX ? select_by_rank(wv, NULL, K, k, NULL, NULL)
-                                    : (select_largest(wv, NULL, K, k), min_of(wv, k));
-            float floor_k = lower(T, e); /* the fp32 k-th largest is at least this */
+            for (int64_t j = 0; j < K; j++) { /* lower bounds; (1 + 2^-20): the rounding of err */
+                int64_t f = c[j]; /* no candidate (a NaN row): no bound, the row is flagged */
+                float err = f >= 0 && f < F ? (ea[r] * wn[f] + eb[r] * dn[f]) * (1.0f + 0x1p-20f) : NAN;
+                wv[j] = v[j] - fabsf(v[j]) * 0x1p-7f - 2.0f * err;
+            }
+            float floor_k = K <= RANK_MAX ? select_by_rank(wv, NULL, K, k, NULL, NULL) /* the fp32 */
+                                          : (select_largest(wv, NULL, K, k), min_of(wv, k)); /* k-th >= */
             const float* ur = u + r * d;
             int64_t m = 0;
             for (int64_t j = 0; j < K; j++) {
-                if (!(upper(v[j], e) >= floor_k)) continue;
+                if (!(upper(v[j]) >= floor_k)) continue;
                 const float* w = W + c[j] * d;
                 float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
@@ -900,7 +904,7 @@ int64_t mlsae_rescore(const float* cv, const int64_t* ci, int64_t n, int64_t K, 
                 memcpy(out_i + r * k, wi, sizeof(int64_t) * k);
                 kth = min_of(wv, k);
             }
-            flag[r] = !(kth == kth) || !(K == F || upper(min_of(v, K), e) < kth);
+            flag[r] = !(kth == kth) || !(K == F || upper(min_of(v, K)) < kth);
             flagged += flag[r];
             for (int64_t t = 0; t < k; t++) out_v[r * k + t] = out_v[r * k + t] > 0.0f ? out_v[r * k + t] : 0.0f;
         }
