@@ -367,7 +367,8 @@ def print_machine(info: dict) -> None:
           f"{info['threads']} threads, {datetime.date.today()}, load average {info['load_average'][0]:.1f}"
           + (f", oneDNN capped at {info['onednn_max_cpu_isa']}" if info.get("onednn_max_cpu_isa") else ""))
     print(f"GEMM [{' x '.join(map(str, rates['shape']))}]: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} "
-          f"GFLOP/s (bf16/fp32 {rates['bf16'] / rates['fp32']:.2f}; mlsae.precision, measured {rates['measured']}); "
+          f"GFLOP/s, int8 {rates['int8']:.0f} GOP/s (bf16/fp32 {rates['bf16'] / rates['fp32']:.2f}, int8/fp32 "
+          f"{rates['int8'] / rates['fp32']:.2f}; mlsae.precision, measured {rates['measured']}); "
           f"auto precision: {info['auto_precision']}")
 
 

@@ -1,19 +1,20 @@
 """How an exact fp32 TopK can rank latents with a cheaper product: the candidates its proof needs.
 
 ``mlsae.kernels._encode_mixed`` ranks each vector's latents by an upper bound of their fp32 scores
-(a low-precision score plus a proven bound on its error), rescores the best 3k in fp32, and proves
+(a low-precision score plus a proven bound on its error), rescores the best few in fp32, and proves
 that no other latent can enter the fp32 TopK. The fewer latents whose upper bound reaches the k-th
 fp32 score, the fewer candidates the proof needs. This script counts them for bf16 with one bound
 per vector (the largest row of W in it: the first version of that path), bf16 with a bound per
-latent (the path now), and int8 (symmetric, per row; 7-bit inputs are what an AVX2 int8 kernel can
-take without saturating its 16-bit pair sums), and times the products:
+latent (the path now), int8 (symmetric, per row; 7-bit inputs are what an AVX2 int8 kernel can
+take without saturating its 16-bit pair sums) with one bound per vector, and int8 as the path
+takes it (outlier features moved into W, a bound per latent), and times the products:
 
     python benchmarks/ranking_bound.py                 # random data, the benchmark's large shape
     python benchmarks/ranking_bound.py --sae runs/default/sweep/mlsae-SmolLM2-135M-Instruct-x8-k32
 
 With ``--sae``, the vectors are residuals of the Brown test split as that trained MLSAE's encoder
 sees them (its position rule, standardized, minus b_pre), and the script also times its fp32 encode
-both ways: ranked by the bf16 product, and the plain fp32 product.
+three ways: ranked by the bf16 product, by the int8 product, and the plain fp32 product.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 import torch
 from torch import Tensor
 
+from mlsae import kernels
 from mlsae.precision import cpu_model
 
 N, D, LATENTS, K = 256, 512, 32768, 32  # vectors, d, latents, k (Pythia-70m x64, as in bench.py)
@@ -58,17 +60,25 @@ def bounds(u: Tensor, W: Tensor) -> dict[str, Tensor]:
         error = ((u - uq).norm(dim=1, keepdim=True) * W_norm.max()
                  + uq.norm(dim=1, keepdim=True) * (W - Wq).norm(dim=1).max())
         out[f"int8 ({bits}-bit inputs), per vector"] = uq @ Wq.T + error
+    a = kernels.INT8_SMOOTHING  # as _encode_mixed: outlier features moved into W's columns, exactly
+    c = u.abs().amax(0).pow(a) / W.abs().amax(0).pow(1 - a)
+    us, Ws = u / c, W * c
+    uq, Wq = quantize(us, 127), quantize(Ws, 127)
+    out["int8, smoothed, a bound per latent"] = uq @ Wq.T + (
+        (us - uq).norm(dim=1, keepdim=True) * Ws.norm(dim=1) + uq.norm(dim=1, keepdim=True) * (Ws - Wq).norm(dim=1)
+        + 3 * d * 2**-24 * us.norm(dim=1, keepdim=True) * Ws.norm(dim=1))
     return out
 
 
 def report(u: Tensor, W: Tensor, k: int) -> None:
     kth = (u @ W.T).topk(k, dim=1).values[:, -1]
     print(f"{len(u)} vectors, d {u.shape[1]}, {W.shape[0]} latents, k {k}: latents a proof must rescore "
-          f"(the first round rescores 3k = {3 * k})")
+          f"(the first round takes 3k = {3 * k} candidates for bf16, 6k = {6 * k} for int8)")
     for name, upper in bounds(u, W).items():
         need = needed(upper, kth)
-        print(f"  {name:32s} median {need.median():5.0f}, 90th percentile {need.quantile(0.9):5.0f}, "
-              f"most {need.max():5.0f}; first round settles {(need <= 3 * k).float().mean():.1%}")
+        first = (3 if name.startswith("bf16") else 6) * k
+        print(f"  {name:36s} median {need.median():5.0f}, 90th percentile {need.quantile(0.9):5.0f}, "
+              f"most {need.max():5.0f}; first round settles {(need <= first).float().mean():.1%}")
 
 
 def seconds(fn) -> float:
@@ -113,21 +123,20 @@ def trained(sae_dir: str, n_tokens: int) -> tuple[Tensor, Tensor, int]:
 
 
 def encode_times(u: Tensor, W: Tensor, k: int, rounds: int = 3) -> None:
-    """The fp32 encode of ``u`` ranked by the bf16 product against the plain fp32 product, in
-    alternating rounds (so that background load hits both alike); the best time of each."""
-    from mlsae import kernels
-
-    select, best, paths = kernels.mixed_select, {True: float("inf"), False: float("inf")}, {}
+    """The fp32 encode of ``u`` ranked by a bf16 product, by an int8 product, and by the plain fp32
+    product, in alternating rounds (so that background load hits each alike); the best time of each."""
+    choose = kernels.ranking_dtype
+    best = {dtype: float("inf") for dtype in (torch.bfloat16, torch.int8, None)}
     try:
         for _ in range(rounds):
-            for mixed in best:
-                kernels.mixed_select = lambda device, mixed=mixed: mixed
-                paths[mixed] = kernels.encode_path(u, W, k)
-                best[mixed] = min(best[mixed], seconds(lambda: kernels.topk_encode(u, W, k)))
+            for dtype in best:
+                kernels.ranking_dtype = lambda device, n_latents, dtype=dtype: dtype
+                best[dtype] = min(best[dtype], seconds(lambda: kernels.topk_encode(u, W, k)))
     finally:
-        kernels.mixed_select = select
-    print(f"  fp32 encode: {paths[True]} {best[True] * 1e3:.0f} ms, {paths[False]} {best[False] * 1e3:.0f} ms, "
-          f"ratio {best[True] / best[False]:.2f}")
+        kernels.ranking_dtype = choose
+    plain = best.pop(None)
+    print(f"  fp32 encode: plain {plain * 1e3:.0f} ms; " + ", ".join(
+        f"{kernels.RANKED_PATHS[dtype]} {t * 1e3:.0f} ms ({t / plain:.2f} of plain)" for dtype, t in best.items()))
 
 
 def main() -> None:

@@ -7,9 +7,10 @@ dense over those alone: ``auxk_sq_error``):
 - encode:   pre = (x - b) @ W_enc.T into reused, cache-sized buffers, never as a whole [N, F]:
             by chunks of vectors (all latents), or for many latents by tiles (a block of
             latents by a chunk of vectors) folded into a running TopK per vector; in fp32 on a
-            CPU whose bf16 product is measured (mlsae.precision) to be fast enough, latents are
-            ranked by a bf16 product plus a proven bound on its error, and the best 3k rescored
-            in fp32 (the same TopK; 1.4-2.6x faster where bf16 GEMMs are 4x faster); under bf16 autocast
+            CPU whose bf16 or int8 product is measured (mlsae.precision) to be fast enough,
+            latents are ranked by that product plus a proven bound on its error, and the best
+            few rescored in fp32 (the same TopK; 1.4-2.6x faster where bf16 GEMMs are 4x faster,
+            about 2x where int8 is 5x faster, at 32,768 latents); under bf16 autocast
             on a CPU whose bf16 product is the slower, in fp32 (``gemm_dtype``). ``encode_path``
             says which path.
 - decode:   out[i] = sum_j values[i, j] * W_dec[indices[i, j]]           (gathers of W_dec's rows)
@@ -30,6 +31,7 @@ module state. The scratch buffers are module-level: not for concurrent calls fro
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -57,6 +59,13 @@ SPAN_ROWS = 16384  # vectors per pass over W_enc on the tiled path
 # no-AMX Xeon 0.6x. On a trained MLSAE and real residuals (benchmarks/ranking_bound.py --sae), a
 # Zen 4 EPYC (bf16 2.4x fp32): 0.8 of the plain fp32 encode's time.
 MIXED_SELECT_SPEEDUP = 2.0
+# Else int8 (torch._int_mm), where at least this many times faster than fp32 and for more latents
+# than this: its operands cost more to make (smoothing, rounding, a pass to bound each tile) and it
+# takes twice the candidates, costs per vector, while it saves per latent. On real residuals, int8
+# 4.8x fp32 (a Zen 4 EPYC, oneDNN capped at AVX512_CORE_VNNI): 1.0 of the plain fp32 encode's time
+# with the trained x8 MLSAE (4,608 latents), 0.4-0.6 at 32,768 latents (benchmarks/ranking_bound.py).
+INT8_SELECT_SPEEDUP = 3.0
+INT8_SELECT_MIN_LATENTS = 8192
 
 
 class TopK(NamedTuple):
@@ -228,15 +237,28 @@ def _low_precision_input(x: Tensor, b: Tensor | None) -> Tensor | None:
         return x.to(dtype) if b is None else torch.sub(x, b.detach(), out=torch.empty_like(x, dtype=dtype))
 
 
-def mixed_select(device: torch.device) -> bool:
-    """Whether ranking an fp32 TopK by a bf16 product pays on this machine (its measured GEMM rates)."""
-    return device.type == "cpu" and precision.bf16_speedup(device) >= MIXED_SELECT_SPEEDUP
+def ranking_dtype(device: torch.device, n_latents: int) -> torch.dtype | None:
+    """The cheaper product that ranks the latents of an fp32 TopK on this machine (its measured GEMM
+    rates): bf16 where it is MIXED_SELECT_SPEEDUP times faster than fp32, else int8 where that is
+    INT8_SELECT_SPEEDUP times faster and there are many latents; None (the plain fp32 product)
+    otherwise and off CPUs."""
+    if device.type != "cpu":
+        return None
+    if precision.bf16_speedup(device) >= MIXED_SELECT_SPEEDUP:
+        return torch.bfloat16
+    if n_latents > INT8_SELECT_MIN_LATENTS and precision.int8_speedup(device) >= INT8_SELECT_SPEEDUP:
+        return torch.int8
+    return None
+
+
+RANKED_PATHS = {torch.bfloat16: "mixed-select", torch.int8: "int8-select"}
 
 
 def encode_path(x: Tensor, W_enc: Tensor, k: int) -> str:
     """How ``topk_encode`` computes the TopK of ``x`` (under the current autocast):
 
-    - ``"mixed-select"``: fp32, ranked by a bf16 product then rescored in fp32 (``_encode_mixed``);
+    - ``"mixed-select"``, ``"int8-select"``: fp32, ranked by a bf16 or int8 product, then rescored
+      in fp32 (``_encode_mixed``);
     - ``"tiled"``: tiles of the product folded into a running TopK (many latents, native kernels);
     - ``"rows"``: chunks of vectors by all latents (few latents, CUDA, no native kernels).
 
@@ -244,8 +266,10 @@ def encode_path(x: Tensor, W_enc: Tensor, k: int) -> str:
     """
     if x.dtype != torch.float32 or not _native(x, W_enc):
         return "rows"
-    if gemm_dtype(x) == torch.float32 and W_enc.shape[0] >= 8 * k and mixed_select(x.device):
-        return "mixed-select"
+    if gemm_dtype(x) == torch.float32 and W_enc.shape[0] >= 8 * k:
+        ranking = ranking_dtype(x.device, W_enc.shape[0])
+        if ranking is not None:
+            return RANKED_PATHS[ranking]
     return "tiled" if W_enc.shape[0] > TILED_MIN_LATENTS else "rows"
 
 
@@ -263,8 +287,8 @@ def _encode_chunks(x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, u_low: Te
         def inputs(r0: int, r1: int) -> Tensor:  # (x - b)[r0:r1] in the product's dtype
             return u_low[r0:r1] if u_low is not None else _shifted(x[r0:r1], b, dtype)
 
-        if path == "mixed-select":
-            return _encode_mixed(x, W, b, k)
+        if path in RANKED_PATHS.values():
+            return _encode_mixed(x, W, b, k, ranking_dtype(x.device, W.shape[0]))
         if path == "tiled":
             out = _encode_tiles(inputs, x.shape[0], W, k)
             if out is not None:
@@ -272,35 +296,34 @@ def _encode_chunks(x: Tensor, W_enc: Tensor, b: Tensor | None, k: int, u_low: Te
         return _encode_rows(inputs, x, W, k)
 
 
-def _encode_mixed(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor]:
-    """The fp32 TopK from a bf16 product (where bf16 GEMMs are fast enough: see MIXED_SELECT_SPEEDUP).
+def _encode_mixed(x: Tensor, W: Tensor, b: Tensor | None, k: int, dtype: torch.dtype) -> list[Tensor]:
+    """The fp32 TopK from a cheaper product, bf16 or int8 (``ranking_dtype``).
 
-    The bf16 product ranks each vector's latents by an upper bound of their fp32 scores: the bf16
-    score plus a proven bound on its error, |u - u16| |W_f| + |u16| |W_f - W16_f| (and the fp32
-    sums' rounding), which two appended columns add inside the product itself. Its 3k best are
-    rescored in fp32, and the bounds prove that no other latent can be in the fp32 TopK. A bound
-    per latent, not one for the largest row of W, is what settles most vectors of a trained MLSAE
-    in the first round (its rows differ in norm, and its scores crowd near the k-th). Rows it cannot
-    prove get a second round with 16k candidates, and what remains is computed in fp32. Same
-    latents and values as the fp32 product, up to fp32 rounding.
+    The cheaper product ranks each vector's latents by an upper bound of their fp32 scores: its
+    score plus a proven bound on the error, |u - uq| |W_f| + |uq| |W_f - Wq_f| for the rounded
+    operands uq, Wq (and the fp32 sums' rounding). Its best candidates (3k for bf16, 6k for int8)
+    are rescored in fp32, and the bounds prove that no other latent can be in the fp32 TopK. A
+    bound per latent, not one for the largest row of W, is what settles most vectors of a trained
+    MLSAE in the first round (its rows differ in norm, and its scores crowd near the k-th). Rows
+    it cannot prove get a second round with 16k candidates, and what remains is computed in fp32.
+    Same latents and values as the fp32 product, up to fp32 rounding.
     """
-    n, d = x.shape
-    n_latents = W.shape[0]
-    W16, W_norm, W16_norm, W_rounding = _ranking_operand(W, "W_mixed")
-    latent_err = _set_bounds(W16, d, W_norm, W_rounding)
-    fp32_sums = 3 * d * 2**-24  # of |u| |W_f|: the rounding of the bf16 product's sums and the rescoring's
+    n, n_latents = x.shape[0], W.shape[0]
+    first = min(n_latents, (3 if dtype == torch.bfloat16 else 6) * k)
     values = torch.empty(n, k, dtype=torch.float32, device=x.device)
     indices = torch.empty(n, k, dtype=torch.long, device=x.device)
+    W_bf16 = _bf16_operand(W, "W_mixed", latents=True) if dtype == torch.bfloat16 else None
     for s0 in range(0, n, SPAN_ROWS):
         s1 = min(s0 + SPAN_ROWS, n)
         u = _shifted(x[s0:s1], b, torch.float32)
-        u16, u_norm, u16_norm, u_rounding = _ranking_operand(u, "u_mixed")
-        row_err = _set_bounds(u16, d, u_rounding.add_(u_norm, alpha=fp32_sums), u16_norm)
-        v, i, left = _mixed_round(u, u16, row_err, latent_err, W, W16, k, min(n_latents, 3 * k))
+        if W_bf16 is not None:
+            ranked_u, ranked_W = _bf16_operand(u, "u_mixed", latents=False), W_bf16
+        else:
+            ranked_u, ranked_W = _int8_operands(u, W)
+        v, i, left = _mixed_round(u, ranked_u, ranked_W, W, k, first)
         if left.any():  # a second round, wider, for the rows the first could not settle
             rows = left.nonzero().flatten()
-            v2, i2, left2 = _mixed_round(u[rows], u16[rows], row_err[rows], latent_err, W, W16, k,
-                                         min(n_latents, 16 * k))
+            v2, i2, left2 = _mixed_round(u[rows], ranked_u.take(rows), ranked_W, W, k, min(n_latents, 16 * k))
             if left2.any():
                 rows2 = left2.nonzero().flatten()
                 v2[rows2], i2[rows2] = _topk_relu(u[rows[rows2]] @ W.T, k)
@@ -309,39 +332,93 @@ def _encode_mixed(x: Tensor, W: Tensor, b: Tensor | None, k: int) -> list[Tensor
     return [values, indices]
 
 
-# The bf16 operands of _encode_mixed carry this many more columns: two error terms, then zeros.
+class _Ranked(NamedTuple):
+    """One operand of a ranking product: the rounded matrix (bf16, or int8 with a scale per row),
+    and per row the two error factors of the bound, ``err [2, rows]``: a vector's row pairs with
+    a latent's as ``err_u[0] err_W[0] + err_u[1] err_W[1]``."""
+
+    values: Tensor  # [rows, d (+ BOUND_COLUMNS for bf16)]
+    scale: Tensor | None  # [rows] (int8)
+    err: Tensor  # [2, rows] fp32
+
+    def take(self, rows: Tensor) -> _Ranked:
+        return _Ranked(self.values[rows], None if self.scale is None else self.scale[rows],
+                       self.err[:, rows].contiguous())
+
+
+# The bf16 operands carry this many more columns: the two error factors, then zeros, so that the
+# product adds the bound to each score itself.
 BOUND_COLUMNS = 8
-ROUND_UP = 1 + 2**-6  # an fp32 norm's rounding, then bf16's (2^-8): the columns never round down
+ROUND_UP = 1 + 2**-6  # an fp32 norm's rounding, then bf16's (2^-8): the bound never rounds down
+INT8_SMOOTHING = 0.7  # int8: feature j of u divided, of W multiplied, by amax|u_j|^a / amax|W_j|^(1-a)
 
 
-def _ranking_operand(t: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``[bf16(t) | zeros]`` (a buffer with BOUND_COLUMNS more columns), and per row of ``t`` the fp32
-    norms of t, of bf16(t) and of t - bf16(t) (exact in fp32)."""
+def _error_factors(t: Tensor, rounded: Tensor, latents: bool) -> Tensor:
+    """``[2, rows]``: for W's rows (|W_f|, |W_f - Wq_f|), for vectors (|u - uq| + the fp32 sums'
+    share 3 d 2^-24 |u|, |uq|), rounded up; ``rounded`` is the dequantized uq or Wq (fp32 or bf16)."""
+    norm = functools.partial(torch.linalg.vector_norm, dim=1, dtype=torch.float32)
+    error = norm(torch.sub(t, rounded, out=_buffer("rounding", t.shape, torch.float32, t.device)))
+    if latents:
+        return torch.stack([norm(t), error]).mul_(ROUND_UP)
+    return torch.stack([error.add_(norm(t), alpha=3 * t.shape[1] * 2**-24), norm(rounded)]).mul_(ROUND_UP)
+
+
+def _bf16_operand(t: Tensor, name: str, latents: bool) -> _Ranked:
+    """``[bf16(t) | error factors | zeros]`` in a buffer, and its error factors as the product reads them."""
     m, d = t.shape
     out = _buffer(name, (m, d + BOUND_COLUMNS), torch.bfloat16, t.device)
-    t16 = out[:, :d].copy_(t)
     out[:, d:].zero_()
-    rounding = torch.sub(t, t16, out=_buffer("rounding", t.shape, torch.float32, t.device))
-    norm = torch.linalg.vector_norm
-    return out, norm(t, dim=1), norm(t16, dim=1, dtype=torch.float32), norm(rounding, dim=1)
+    err = _error_factors(t, out[:, :d].copy_(t), latents)
+    out[:, d : d + 2].copy_(err.T)
+    return _Ranked(out, None, out[:, d : d + 2].T.float().contiguous())
 
 
-def _set_bounds(operand: Tensor, d: int, first: Tensor, second: Tensor) -> Tensor:
-    """Write ``first, second`` (rounded up) into the error columns of a ``_ranking_operand``; returns
-    them as the product reads them, [rows, 2] fp32."""
-    columns = operand[:, d : d + 2]
-    columns.copy_(torch.stack([first, second], 1).mul_(ROUND_UP))
-    return columns.float()
+def _int8_operands(u: Tensor, W: Tensor) -> tuple[_Ranked, _Ranked]:
+    """``u`` and ``W`` smoothed (a feature's outliers in u moved into W's column, exactly as
+    u.w = (u / c).(W c)), then each row rounded to int8 with its own scale."""
+    a = INT8_SMOOTHING
+    c = u.abs().amax(0).clamp_min_(1e-30).pow_(a).div_(W.abs().amax(0).clamp_min_(1e-30).pow_(1 - a))
+    return (_int8_operand(torch.div(u, c, out=_buffer("u_smooth", u.shape, torch.float32, u.device)), "u8", False),
+            _int8_operand(torch.mul(W, c, out=_buffer("W_smooth", W.shape, torch.float32, W.device)), "W8", True))
 
 
-def _mixed_round(u: Tensor, u16: Tensor, row_err: Tensor, latent_err: Tensor, W: Tensor, W16: Tensor, k: int,
-                 n_cand: int) -> tuple[Tensor, Tensor, Tensor]:
+def _int8_operand(t: Tensor, name: str, latents: bool) -> _Ranked:
+    m, d = t.shape
+    amax = t.abs().amax(1)
+    scale = torch.where(amax > 0, amax / 127, 1.0)
+    q = _buffer("quantized", t.shape, torch.float32, t.device)
+    torch.div(t, scale[:, None], out=q).round_().clamp_(-127, 127)
+    values = _buffer(name, t.shape, torch.int8, t.device).copy_(q)
+    return _Ranked(values, scale, _error_factors(t, q.mul_(scale[:, None]), latents))
+
+
+def _mm_tile(u: Tensor, W: Tensor, r0: int, r1: int, c0: int, c1: int, out: Tensor) -> Tensor:
+    """Vectors r0..r1 of ``u`` by latents c0..c1 of ``W``, into ``out``."""
+    return torch.mm(u[r0:r1], W[c0:c1].T, out=out.view(r1 - r0, c1 - c0))
+
+
+def _ranked_tile(u: _Ranked, W: _Ranked, r0: int, r1: int, c0: int, c1: int, out: Tensor) -> Tensor:
+    """Upper bounds of the fp32 scores of vectors r0..r1 by latents c0..c1, into ``out`` (bf16
+    for a bf16 product, whose bound columns add the errors; fp32 for int8)."""
+    if u.scale is None:
+        return _mm_tile(u.values, W.values, r0, r1, c0, c1, out)
+    sums = _buffer("int8_sums", (r1 - r0, c1 - c0), torch.int32, out.device)
+    torch._int_mm(u.values[r0:r1], W.values[c0:c1].T, out=sums)
+    return native.int8_bounds(sums, u.scale[r0:r1], W.scale[c0:c1], u.err[:, r0:r1], W.err[:, c0:c1],
+                              out.view(r1 - r0, c1 - c0))
+
+
+def _mixed_round(u: Tensor, ranked_u: _Ranked, ranked_W: _Ranked, W: Tensor, k: int, n_cand: int
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """One round of _encode_mixed over the rows of ``u``: (values, indices, rows left unsettled)."""
     state = native.TopKState(u.shape[0], n_cand)
-    if _fold_tiles(state, u16, W16, n_cand):  # NaN somewhere: no bound holds, every row left to fp32
+    dtype = torch.bfloat16 if ranked_u.scale is None else torch.float32
+    tile = functools.partial(_ranked_tile, ranked_u, ranked_W)
+    row_err = ranked_u.err
+    if _fold_tiles(state, u.shape[0], W.shape[0], tile, dtype, n_cand):  # NaN: no bound holds, all to fp32
         row_err = torch.full_like(row_err, float("nan"))
     cand_values, cand_indices = state.finish(relu=False)
-    return native.rescore(cand_values, cand_indices, k, W.shape[0], row_err, latent_err, u.contiguous(), W)
+    return native.rescore(cand_values, cand_indices, k, W.shape[0], row_err, ranked_W.err, u.contiguous(), W)
 
 
 def _encode_tiles(inputs: Callable[[int, int], Tensor], n: int, W: Tensor, k: int) -> list[Tensor] | None:
@@ -349,30 +426,31 @@ def _encode_tiles(inputs: Callable[[int, int], Tensor], n: int, W: Tensor, k: in
     state = native.TopKState(n, k)
     failed = 0
     for s0 in range(0, n, SPAN_ROWS):  # bounds the (x - b) copies for long batches (all layers)
-        failed += _fold_tiles(state, inputs(s0, min(s0 + SPAN_ROWS, n)), W, min(k, W.shape[0]), s0)
+        u = inputs(s0, min(s0 + SPAN_ROWS, n))
+        failed += _fold_tiles(state, len(u), W.shape[0], functools.partial(_mm_tile, u, W), W.dtype, min(k, W.shape[0]), s0)
     return None if failed else list(state.finish())
 
 
-def _fold_tiles(state: native.TopKState, u: Tensor, W: Tensor, min_block: int, row0: int = 0) -> int:
-    """Fold ``u @ W.T`` into the running TopK ``state`` (its rows row0..), tile by tile; returns
-    the number of tiles holding NaN.
+def _fold_tiles(state: native.TopKState, n: int, n_latents: int, tile: Callable[[int, int, int, int, Tensor], Tensor],
+                dtype: torch.dtype, min_block: int, row0: int = 0) -> int:
+    """Fold the product of ``n`` vectors by ``n_latents`` latents into the running TopK ``state``
+    (its rows row0..), tile by tile: ``tile(r0, r1, c0, c1, out)`` computes vectors r0..r1 by
+    latents c0..c1 into ``out`` (of ``dtype``) and returns it. Returns the number of tiles holding NaN.
 
     A tile is a block of latents (at least ``min_block``) by a chunk of vectors. Latent blocks go
-    outside, so each block of W is read once while ``u`` (small) stays in cache; the C kernel
+    outside, so each block of W is read once while the vectors (small) stay in cache; the C kernel
     folds each tile in while it is still in cache.
     """
-    n, n_latents = u.shape[0], W.shape[0]
     n_blocks = -(-n_latents // LATENT_BLOCK) if n_latents > TILED_MIN_LATENTS else 1
     block = max(-(-n_latents // n_blocks), min_block)
-    rows = max(16, TILE_BYTES // (block * W.element_size()))
-    buf = _buffer("tile", (min(rows, n) * block,), W.dtype, W.device)
+    rows = max(16, TILE_BYTES // (block * dtype.itemsize))
+    buf = _buffer("tile", (min(rows, n) * block,), dtype, torch.device("cpu"))  # the native TopK: CPU only
     failed = 0
     for c0 in range(0, n_latents, block):
-        W_block = W[c0 : c0 + block]
+        c1 = min(c0 + block, n_latents)
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
-            tile = torch.mm(u[r0:r1], W_block.T, out=buf[: (r1 - r0) * len(W_block)].view(r1 - r0, -1))
-            failed += state.add(tile, c0, slice(row0 + r0, row0 + r1))
+            failed += state.add(tile(r0, r1, c0, c1, buf[: (r1 - r0) * (c1 - c0)]), c0, slice(row0 + r0, row0 + r1))
     return failed
 
 

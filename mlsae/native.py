@@ -36,7 +36,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 # The C types of the kernels' parameters: what a tensor passed for a pointer must hold.
 POINTEE = {"float": (torch.float32,), "int64_t": (torch.int64,), "uint16_t": (torch.bfloat16,),
-           "uint8_t": (torch.uint8,), "void": (torch.float32, torch.bfloat16)}
+           "uint8_t": (torch.uint8,), "int32_t": (torch.int32,), "void": (torch.float32, torch.bfloat16)}
 SCALARS = {"float": ctypes.c_float, "int": ctypes.c_int, "int64_t": ctypes.c_int64}
 RETURNS = {"void": None, "int64_t": ctypes.c_int64}
 
@@ -235,10 +235,10 @@ class TopKState:
 
 def rescore(values: Tensor, indices: Tensor, k: int, n_latents: int, row_err: Tensor, latent_err: Tensor,
             u: Tensor, W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact fp32 TopK (ReLU'd values, indices) of ``u @ W.T`` from the K candidates of a bf16 product.
+    """Exact fp32 TopK (ReLU'd values, indices) of ``u @ W.T`` from the K candidates of a bf16 or int8 product.
 
-    ``values, indices [n, K]``: the K largest upper bounds of the bf16 product per row, each a
-    bf16 score plus its error bound ``row_err[r, 0] latent_err[f, 0] + row_err[r, 1] latent_err[f, 1]``
+    ``values, indices [n, K]``: the K largest upper bounds of that product per row, each a
+    low-precision score plus its error bound ``row_err[0, r] latent_err[0, f] + row_err[1, r] latent_err[1, f]``
     (``mlsae.kernels._encode_mixed``). Returns also a bool mask of the rows the candidates could
     not settle (to be computed by the caller).
     """
@@ -246,11 +246,19 @@ def rescore(values: Tensor, indices: Tensor, k: int, n_latents: int, row_err: Te
     out_v = torch.empty(n, k, dtype=torch.float32)
     out_i = torch.empty(n, k, dtype=torch.int64)
     flag = torch.empty(n, dtype=torch.uint8)
-    ea, eb = row_err.T.contiguous()
-    wn, dn = latent_err.T.contiguous()
-    lib().mlsae_rescore(values, indices, n, K, k, n_latents, ea, eb, wn, dn, u, W, u.shape[1],
-                        out_v, out_i, flag, _threads())
+    lib().mlsae_rescore(values, indices, n, K, k, n_latents, row_err[0], row_err[1], latent_err[0], latent_err[1],
+                        u, W, u.shape[1], out_v, out_i, flag, _threads())
     return out_v, out_i, flag.bool()
+
+
+def int8_bounds(sums: Tensor, row_scale: Tensor, col_scale: Tensor, row_err: Tensor, col_err: Tensor, out: Tensor
+                ) -> Tensor:
+    """``out [n, cols]``: upper bounds of fp32 scores from the int32 sums of an int8 product, its scales
+    and the error factors of ``rescore`` (``[2, n]`` and ``[2, cols]``)."""
+    n, cols = sums.shape
+    lib().mlsae_int8_bounds(sums, n, cols, row_scale, col_scale, row_err[0], row_err[1], col_err[0], col_err[1],
+                            out, _threads())
+    return out
 
 
 class IndexSort:

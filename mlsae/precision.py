@@ -7,10 +7,11 @@ than fp32 (200-250 GFLOP/s); on a Xeon with AMX it is 4x faster or more; on an E
 no AVX-512 (Zen 3) bf16 runs at 19 GFLOP/s, an eighth of fp32's 160. So ``gemm_rates`` times one
 encoder-shaped product in each precision (well under a second), once per machine (CPU model,
 cores, torch threads, torch version, oneDNN's instruction-set cap: what the rates depend on), and
-caches the result as JSON in ``cache_dir()/machine``. ``precision="auto"`` takes bf16 where it
-is clearly faster, and mlsae.kernels uses the same rates to decide whether fp32 encoding ranks
-latents by a bf16 product. On CUDA auto is bf16 (tensor cores) without measuring. Delete the
-cache file to re-measure (e.g. if it was measured under heavy load).
+caches the result as JSON in ``cache_dir()/machine``, with the rate of an int8 product
+(``torch._int_mm``, int32 sums). ``precision="auto"`` takes bf16 where it is clearly faster, and
+mlsae.kernels uses the same rates to decide whether fp32 encoding ranks latents by a bf16 or an
+int8 product. On CUDA auto is bf16 (tensor cores) without measuring. Delete the cache file to
+re-measure (e.g. if it was measured under heavy load).
 """
 
 from __future__ import annotations
@@ -63,10 +64,18 @@ def bf16_speedup(device: torch.device | str) -> float:
     return rates["bf16"] / rates["fp32"]
 
 
-def gemm_rates(device: torch.device | str = "cpu") -> dict:
-    """GFLOP/s of an encoder-shaped product in fp32 and bf16 on ``device``, with the machine facts.
+def int8_speedup(device: torch.device | str) -> float:
+    """How many times faster an int8 product (``torch._int_mm``, int32 sums) is than an fp32 one on
+    ``device`` (measured on CPUs; 0 elsewhere or where it does not run)."""
+    rates = gemm_rates(device)
+    return rates["int8"] / rates["fp32"]
 
-    ``{"fp32": ..., "bf16": ..., "device": "cpu", "cpu": model, "nproc": ..., "threads": ...,
+
+def gemm_rates(device: torch.device | str = "cpu") -> dict:
+    """GFLOP/s of an encoder-shaped product in fp32, bf16 and int8 (GOP/s; CPUs only, else 0) on
+    ``device``, with the machine facts.
+
+    ``{"fp32": ..., "bf16": ..., "int8": ..., "device": "cpu", "cpu": model, "nproc": ..., "threads": ...,
     "torch": ..., "shape": [n, d, latents], "measured": date}``; measured once per machine and cached (a
     cache file that cannot be read or does not match is measured again).
     """
@@ -120,7 +129,7 @@ def _load(path: Path, facts: dict) -> dict | None:
     try:
         rates = json.loads(path.read_text())
         ok = all(rates[k] == v for k, v in facts.items()) and all(
-            isinstance(rates[p], float) and rates[p] > 0 for p in PRECISIONS)
+            isinstance(rates[p], float) and rates[p] > 0 for p in PRECISIONS) and isinstance(rates["int8"], float)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return rates if ok else None
@@ -128,21 +137,32 @@ def _load(path: Path, facts: dict) -> dict | None:
 
 @torch.no_grad()
 def _measure(device: torch.device) -> dict[str, float]:
-    """Rates from the fastest of REPEATS products per precision, the two interleaved so that a
-    background load slows both alike (their ratio is what decisions use)."""
+    """Rates from the fastest of REPEATS products per precision, all interleaved so that a
+    background load slows each alike (their ratios are what decisions use)."""
     n, d, f = SHAPE
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n, d, generator=g, device=device)
     W = torch.randn(f, d, generator=g, device=device)
-    dtypes = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16)))
-    operands = {p: (x.to(t), W.to(t).T, torch.empty(n, f, dtype=t, device=device)) for p, t in dtypes.items()}
-    seconds: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    products = {p: functools.partial(torch.mm, x.to(t), W.to(t).T, out=torch.empty(n, f, dtype=t, device=device))
+                for p, t in zip(PRECISIONS, (torch.float32, torch.bfloat16))}
+    if device.type == "cpu" and _int_mm_runs():
+        products["int8"] = functools.partial(torch._int_mm, x.to(torch.int8), W.to(torch.int8).T)
+    seconds: dict[str, list[float]] = {p: [] for p in products}
     with torch.autocast(device.type, enabled=False):
         for _ in range(1 + REPEATS):  # the first round warms up (threads, kernel selection, pages)
-            for p, (a, b, out) in operands.items():
+            for p, product in products.items():
                 start = time.perf_counter()
-                torch.mm(a, b, out=out)
+                product()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds[p].append(time.perf_counter() - start)
-    return {p: 2 * n * d * f / min(s[1:]) / 1e9 for p, s in seconds.items()}
+    return {"int8": 0.0} | {p: 2 * n * d * f / min(s[1:]) / 1e9 for p, s in seconds.items()}
+
+
+def _int_mm_runs() -> bool:
+    """Whether this torch has a CPU int8 product with int32 sums (and it gives the right answer)."""
+    a = torch.arange(-64, 64, dtype=torch.int8).view(32, 4)
+    try:
+        return torch.equal(torch._int_mm(a, a.T.contiguous()), a.int() @ a.int().T)
+    except (RuntimeError, AttributeError):
+        return False

@@ -1,9 +1,9 @@
 """Sparse encode/decode and the training loss against naive dense autograd: values and gradients.
 
 Every test that can runs three times: on the native C kernels (mlsae.native) with fp32 TopKs
-from fp32 products, on the native kernels with fp32 TopKs ranked by a bf16 product and rescored
-(the mixed select, whatever this machine's GEMM rates would choose), and on the pure PyTorch
-path (native switched off), so all stay exact. fp64 runs the PyTorch path only (the C kernels
+from fp32 products, on the native kernels with fp32 TopKs ranked by a bf16 or an int8 product
+and rescored (the mixed and int8 selects, whatever this machine's GEMM rates would choose), and
+on the pure PyTorch path (native switched off), so all stay exact. fp64 runs the PyTorch path only (the C kernels
 take fp32/bf16); fp32 results are compared with an fp64 reference at fp32 tolerances.
 """
 
@@ -15,19 +15,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlsae import kernels, native
+from mlsae import kernels, native, precision
 from mlsae.kernels import TopK, auxk_sq_error, dense_latents, scatter_rows, sparse_decode, topk_encode
 from mlsae.model import MLSAE, SAEConfig
 
 HAVE_NATIVE = native.lib() is not None
 native_only = pytest.mark.skipif(not HAVE_NATIVE, reason="no C compiler")
-PATHS = [pytest.param("native", marks=native_only), pytest.param("mixed", marks=native_only), "torch"]
+PATHS = [pytest.param(p, marks=native_only) for p in ("native", "mixed", "int8")] + ["torch"]
+RANKING = {"mixed": torch.bfloat16, "int8": torch.int8}  # the fp32 select's ranking product, by path
+SELECT = {"mixed": "mixed-select", "int8": "int8-select"}
 
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """Run the test on the C kernels (plain fp32 select, then mixed select), then on PyTorch ops."""
-    monkeypatch.setattr(kernels, "mixed_select", lambda device: request.param == "mixed")
+    """Run the test on the C kernels (plain fp32 select, then ranked by bf16, by int8), then on PyTorch ops."""
+    monkeypatch.setattr(kernels, "ranking_dtype", lambda device, n_latents: RANKING.get(request.param))
     if request.param == "torch":
         monkeypatch.setattr(native, "usable", lambda *tensors: False)
     return request.param
@@ -81,8 +83,8 @@ def test_sparse_matches_dense_values_and_gradients(path, dtype, k):
     rx, rW_enc, rW_dec = (t.detach().double().requires_grad_() for t in (x, W_enc, W_dec))
     target = torch.randn(64, 16, dtype=torch.float64)
     if dtype == torch.float32:
-        mixed = path == "mixed" and k <= 96 // 8  # (it needs at least 8k latents)
-        assert kernels.encode_path(x, W_enc, k) == ("mixed-select" if mixed else "rows")
+        ranked = path in SELECT and k <= 96 // 8  # (it needs at least 8k latents)
+        assert kernels.encode_path(x, W_enc, k) == (SELECT[path] if ranked else "rows")
     topk = topk_encode(x, W_enc, k)
     sparse = sparse_decode(topk, W_dec)
     dense = naive(rx, rW_enc, rW_dec, k)
@@ -201,7 +203,7 @@ def test_chunks_give_the_same_result(path, monkeypatch):
 def test_tiles_give_the_same_result(path, monkeypatch, bf16):
     """Without AuxK the encoder folds tiles (latent blocks x vector chunks) into running TopKs."""
     x, W_enc, W_dec = params(n=300, d=32, f=1000, seed=9, dtype=torch.float32)
-    mixed = path == "mixed" and not bf16  # the mixed select (fp32 only) tiles too, by its own rules
+    ranked = path in SELECT and not bf16  # the ranked selects (fp32 only) tile too, by their own rules
 
     def encode_path():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -215,22 +217,35 @@ def test_tiles_give_the_same_result(path, monkeypatch, bf16):
         return (topk.values.gather(1, order), topk.indices.gather(1, order),
                 *grads(out.pow(2).sum(), x, W_enc, W_dec))
 
-    assert encode_path() == ("mixed-select" if mixed else "rows")
+    assert encode_path() == (SELECT[path] if ranked else "rows")
     whole = run()
     monkeypatch.setattr(kernels, "LATENT_BLOCK", 150)  # 7 blocks of 143, the last one of 142
     monkeypatch.setattr(kernels, "TILED_MIN_LATENTS", 300)
     monkeypatch.setattr(kernels, "TILE_BYTES", 64 * 143 * 4)  # 64 vectors per tile, a ragged last one
     monkeypatch.setattr(kernels, "SPAN_ROWS", 110)  # 3 spans of vectors
-    assert encode_path() == ("mixed-select" if mixed else "rows" if path == "torch" else "tiled")
+    assert encode_path() == (SELECT[path] if ranked else "rows" if path == "torch" else "tiled")
     for a, b in zip(run(), whole):  # sums in another order: fp32 rounding
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("fp32, bf16, int8, n_latents, want", [
+    (150, 400, 700, 4608, torch.bfloat16),  # a Zen 4 EPYC: bf16 first
+    (220, 140, 800, 32768, torch.int8),  # a Xeon without AMX, VNNI: int8 for many latents
+    (220, 140, 800, 4608, None),  # ... but not for few (it costs per vector, saves per latent)
+    (150, 19, 5, 32768, None),  # a Zen 3 EPYC: neither
+])
+def test_the_ranking_product_is_chosen_by_measured_rates(monkeypatch, fp32, bf16, int8, n_latents, want):
+    monkeypatch.setattr(precision, "gemm_rates", lambda device: {"fp32": fp32, "bf16": bf16, "int8": int8})
+    assert kernels.ranking_dtype(torch.device("cpu"), n_latents) == want
+    assert kernels.ranking_dtype(torch.device("cuda"), n_latents) is None
+
+
 @native_only
-@pytest.mark.parametrize("case", ["random", "ties", "nan"])
-def test_fp32_select_by_bf16_product_is_exact(monkeypatch, case):
-    """fp32 encoding ranks latents with a bf16 product and rescores in fp32: same TopK as fp32."""
-    monkeypatch.setattr(kernels, "mixed_select", lambda device: True)
+@pytest.mark.parametrize("ranking", ["mixed", "int8"])
+@pytest.mark.parametrize("case", ["random", "ties", "nan", "outlier feature"])
+def test_fp32_select_by_a_cheaper_product_is_exact(monkeypatch, ranking, case):
+    """fp32 encoding ranks latents with a bf16 or int8 product and rescores in fp32: same TopK as fp32."""
+    monkeypatch.setattr(kernels, "ranking_dtype", lambda device, n_latents: RANKING[ranking])
     g = torch.Generator().manual_seed(11)
     x = torch.randn(257, 48, generator=g) * 3
     W = torch.empty(2000, 48)
@@ -239,29 +254,35 @@ def test_fp32_select_by_bf16_product_is_exact(monkeypatch, case):
         W[:200] = (x[:10].mean(0) / x[:10].mean(0).norm() * W.norm(dim=1).max()).expand(200, -1)
     if case == "nan":
         x[5, 3] = float("nan")
+    if case == "outlier feature":  # as residual streams have: one feature 40x the others
+        x[:, 7] *= 40
     b = torch.randn(48, generator=g)
     values, indices = kernels._encode_chunks(x, W, b, 16)
     ref_values, ref_indices = ((x - b) @ W.T).topk(16, dim=-1)
     ok = ~torch.isnan(ref_values).any(-1)
     torch.testing.assert_close(values.sort(-1).values[ok], ref_values.relu().sort(-1).values[ok], rtol=1e-5, atol=1e-5)
-    if case == "random":
+    if case in ("random", "outlier feature"):
         assert torch.equal(indices.sort(-1).values, ref_indices.sort(-1).values)
-    assert kernels.encode_path(x, W, 16) == "mixed-select"
-    monkeypatch.setattr(kernels, "mixed_select", lambda device: False)
+    assert kernels.encode_path(x, W, 16) == SELECT[ranking]
+    monkeypatch.setattr(kernels, "ranking_dtype", lambda device, n_latents: None)
     assert kernels.encode_path(x, W, 16) == "rows"
     plain, _ = kernels._encode_chunks(x, W, b, 16)
     torch.testing.assert_close(values.sort(-1).values[ok], plain.sort(-1).values[ok], rtol=1e-5, atol=1e-5)
 
 
 @native_only
-def test_bf16_ranking_bounds_each_latent(monkeypatch):
-    """Rows of W differ in norm once trained (here one latent 30x the rest): the error bound of each
-    latent's bf16 score scales with its own row, so the first round (3k candidates) still settles
-    nearly every vector, where one bound per vector at the largest row settles few."""
-    monkeypatch.setattr(kernels, "mixed_select", lambda device: True)
+@pytest.mark.parametrize("ranking", ["mixed", "int8"])
+def test_ranking_bounds_each_latent(monkeypatch, ranking):
+    """Rows of W differ in norm once trained (here one latent 30x the rest), and residual streams
+    have outlier features: the error bound of each latent's score scales with its own row, and
+    int8 moves the outliers into W's columns, so the first round (3k candidates for bf16, 6k for
+    int8) still settles nearly every vector, where one bound per vector at the largest row of W
+    settles few."""
+    monkeypatch.setattr(kernels, "ranking_dtype", lambda device, n_latents: RANKING[ranking])
     g = torch.Generator().manual_seed(5)
     x, W = torch.randn(512, 64, generator=g), torch.randn(3000, 64, generator=g)
     W[7] *= 30
+    x[:, 3] *= 20
     rounds = []
 
     def spy(u, *args):

@@ -63,6 +63,7 @@ def test_autocast_follows_the_resolved_precision(monkeypatch, choice, on):
 def test_rates_are_measured_once_and_cached(cache, tmp_path, monkeypatch):
     first = precision.gemm_rates(CPU)
     assert first["fp32"] > 0 and first["bf16"] > 0
+    assert first["int8"] > 0 if precision._int_mm_runs() else first["int8"] == 0
     assert first["threads"] == torch.get_num_threads() and first["cpu"] == precision.cpu_model()
     (path,) = (tmp_path / "machine").glob("*.json")
     assert json.loads(path.read_text()) == first
@@ -80,6 +81,15 @@ def test_a_corrupt_cache_file_is_measured_again(cache, tmp_path, monkeypatch, co
     again = precision.gemm_rates(CPU)
     assert len(cache) == 2 and again["fp32"] > 0
     assert json.loads(path.read_text()) == again
+
+
+def test_a_cache_file_without_int8_is_measured_again(cache, tmp_path, monkeypatch):
+    """Files written before int8 was measured lack its rate, which chooses fp32's int8 ranking."""
+    first = precision.gemm_rates(CPU)
+    (path,) = (tmp_path / "machine").glob("*.json")
+    path.write_text(json.dumps({k: v for k, v in first.items() if k != "int8"}))
+    monkeypatch.setattr(precision, "_rates", {})
+    assert "int8" in precision.gemm_rates(CPU) and len(cache) == 2
 
 
 def test_other_facts_are_another_cache_file(cache, tmp_path, monkeypatch):

@@ -849,12 +849,34 @@ void mlsae_scaled_error_backward(const float* err, const float* w, int64_t n, in
         for (int64_t c = 0; c < d; c++) grad_b[c] += partial[t * d + c];
 }
 
-/* Exact fp32 TopK from the candidates of a bf16 product. Row r: cv/ci[r] hold the K largest
- * values of the bf16 product and their latents, where each value is an upper bound: the bf16
- * inputs carry two appended columns that add err = ea[r] wn[f] + eb[r] dn[f], a bound on the
- * distance of the bf16 score <u[r], W[f]> from the fp32 one (mlsae.kernels._encode_mixed), and
- * the output is rounded to bf16 (2^-7 of its size). So a bound value c of latent f has the fp32
- * value within [c - 2^-7 |c| - 2 err, c + 2^-7 |c|]. The candidates that may be in the fp32 TopK
+/* A tile of an int8 ranking product as upper bounds of fp32 scores (mlsae.kernels._encode_mixed):
+ * out[i, j] = a + err + (|a| + err) 2^-20, where a = P[i, j] su[i] sw[j] (the int32 sums of the
+ * int8 product, dequantized) and err = ea[i] wn[j] + eb[i] dn[j] bounds a's distance from the fp32
+ * score; the last term covers the rounding of this sum, so that out never lies below a + err. */
+void mlsae_int8_bounds(const int32_t* P, int64_t n, int64_t cols, const float* su, const float* sw,
+                       const float* ea, const float* eb, const float* wn, const float* dn, float* out,
+                       int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t* p = P + i * cols;
+        float* o = out + i * cols;
+        float s = su[i], a_err = ea[i], b_err = eb[i];
+#pragma omp simd
+        for (int64_t j = 0; j < cols; j++) {
+            float a = (float)p[j] * (s * sw[j]);
+            float err = a_err * wn[j] + b_err * dn[j];
+            o[j] = a + err + (fabsf(a) + err) * 0x1p-20f;
+        }
+    }
+}
+
+/* Exact fp32 TopK from the candidates of a bf16 or int8 product. Row r: cv/ci[r] hold the K
+ * largest values of that product and their latents, where each value is an upper bound: the
+ * low-precision score plus err = ea[r] wn[f] + eb[r] dn[f], a bound on its distance from the
+ * fp32 score <u[r], W[f]> (added by two appended columns of the bf16 operands, or by
+ * mlsae_int8_bounds; mlsae.kernels._encode_mixed), and a bf16 output is rounded (2^-7 of its
+ * size). So a bound value c of latent f has the fp32 value within [c - 2^-7 |c| - 2 err,
+ * c + 2^-7 |c|]. The candidates that may be in the fp32 TopK
  * (upper bound >= the k-th largest lower bound) get their fp32 values <u[r], W[f]>, and the k
  * largest are kept (ReLU'd) in out_v/out_i. A latent outside the candidates has a bound value
  * <= the smallest candidate's, so if that one's upper bound is below the k-th fp32 value (or
