@@ -60,8 +60,7 @@ def bounds(u: Tensor, W: Tensor) -> dict[str, Tensor]:
         error = ((u - uq).norm(dim=1, keepdim=True) * W_norm.max()
                  + uq.norm(dim=1, keepdim=True) * (W - Wq).norm(dim=1).max())
         out[f"int8 ({bits}-bit inputs), per vector"] = uq @ Wq.T + error
-    a = kernels.INT8_SMOOTHING  # as _encode_mixed: outlier features moved into W's columns, exactly
-    c = u.abs().amax(0).pow(a) / W.abs().amax(0).pow(1 - a)
+    c = kernels.int8_smoothing(u.abs().amax(0), W)  # as _encode_mixed: outliers moved into W, exactly
     us, Ws = u / c, W * c
     uq, Wq = quantize(us, 127), quantize(Ws, 127)
     out["int8, smoothed, a bound per latent"] = uq @ Wq.T + (

@@ -312,14 +312,20 @@ def _encode_mixed(x: Tensor, W: Tensor, b: Tensor | None, k: int, dtype: torch.d
     first = min(n_latents, (3 if dtype == torch.bfloat16 else 6) * k)
     values = torch.empty(n, k, dtype=torch.float32, device=x.device)
     indices = torch.empty(n, k, dtype=torch.long, device=x.device)
-    W_bf16 = _bf16_operand(W, "W_mixed", latents=True) if dtype == torch.bfloat16 else None
+    if dtype == torch.bfloat16:
+        ranked_W, c = _bf16_operand(W, "W_mixed", latents=True), None
+    else:  # every span shares W's operand: c from |x - b| <= |x| + |b| (any c > 0 keeps u.w exact)
+        c = int8_smoothing(x.abs().amax(0) if b is None else x.abs().amax(0).add_(b.detach().abs()), W)
+        ranked_W = _int8_operand(torch.mul(W, c, out=_buffer("W_smooth", W.shape, torch.float32, W.device)),
+                                 "W8", latents=True)
     for s0 in range(0, n, SPAN_ROWS):
         s1 = min(s0 + SPAN_ROWS, n)
         u = _shifted(x[s0:s1], b, torch.float32)
-        if W_bf16 is not None:
-            ranked_u, ranked_W = _bf16_operand(u, "u_mixed", latents=False), W_bf16
+        if c is None:
+            ranked_u = _bf16_operand(u, "u_mixed", latents=False)
         else:
-            ranked_u, ranked_W = _int8_operands(u, W)
+            ranked_u = _int8_operand(torch.div(u, c, out=_buffer("u_smooth", u.shape, torch.float32, u.device)),
+                                     "u8", latents=False)
         v, i, left = _mixed_round(u, ranked_u, ranked_W, W, k, first)
         if left.any():  # a second round, wider, for the rows the first could not settle
             rows = left.nonzero().flatten()
@@ -373,17 +379,16 @@ def _bf16_operand(t: Tensor, name: str, latents: bool) -> _Ranked:
     return _Ranked(out, None, out[:, d : d + 2].T.float().contiguous())
 
 
-def _int8_operands(u: Tensor, W: Tensor) -> tuple[_Ranked, _Ranked]:
-    """``u`` and ``W`` smoothed (a feature's outliers in u moved into W's column, exactly as
-    u.w = (u / c).(W c)), then each row rounded to int8 with its own scale."""
+def int8_smoothing(u_amax: Tensor, W: Tensor) -> Tensor:
+    """Per feature j, c_j = amax|u_j|^a / amax|W_j|^(1-a) (a = INT8_SMOOTHING): dividing the vectors'
+    feature j by c_j and multiplying W's column j by it leaves u.w as it is, and moves the vectors'
+    outlier features into W's columns, where int8 rounds each row with its own scale."""
     a = INT8_SMOOTHING
-    c = u.abs().amax(0).clamp_min_(1e-30).pow_(a).div_(W.abs().amax(0).clamp_min_(1e-30).pow_(1 - a))
-    return (_int8_operand(torch.div(u, c, out=_buffer("u_smooth", u.shape, torch.float32, u.device)), "u8", False),
-            _int8_operand(torch.mul(W, c, out=_buffer("W_smooth", W.shape, torch.float32, W.device)), "W8", True))
+    return u_amax.clamp_min(1e-30).pow_(a).div_(W.abs().amax(0).clamp_min_(1e-30).pow_(1 - a))
 
 
 def _int8_operand(t: Tensor, name: str, latents: bool) -> _Ranked:
-    m, d = t.shape
+    """``t`` (smoothed) rounded to int8, each row with its own scale, and its error factors."""
     amax = t.abs().amax(1)
     scale = torch.where(amax > 0, amax / 127, 1.0)
     q = _buffer("quantized", t.shape, torch.float32, t.device)
